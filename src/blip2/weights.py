@@ -1,0 +1,418 @@
+"""Loading and saving checkpoints in the Hugging Face layout.
+
+Our modules carry the same attribute names as the reference's, so a checkpoint key is a module
+path and no per-key renaming is needed; `KEY_RENAMES` holds the few spellings older files use.
+
+Loading builds the model on the meta device (no memory), opens the safetensors files by mmap,
+casts each tensor once to the requested dtype/device and assigns it into the module. Peak memory
+stays near the size of the weights. A checkpoint that does not fit raises an error that names
+the keys and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CONFIG_NAME, PretrainedConfig
+from .hub import resolve_dir
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PT_WEIGHTS = "pytorch_model.bin"
+PT_INDEX = "pytorch_model.bin.index.json"
+
+# Older spellings of a key -> today's. Applied to every key read, in order.
+KEY_RENAMES: list[tuple[str, str]] = [
+    (r"\.gamma$", ".weight"),  # pre-2020 LayerNorm names in some BERT-derived files
+    (r"\.beta$", ".bias"),
+]
+
+# Top-level parts of the BLIP-2 checkpoints. A class that lacks a part skips its keys silently:
+# that is how one checkpoint serves several classes (e.g. the projection models read a
+# retrieval checkpoint). Keys outside these parts, or inside a part the class has, must fit.
+BLIP2_PARTS = (
+    "vision_model.",
+    "query_tokens",
+    "qformer.",
+    "language_projection.",
+    "language_model.",
+    "embeddings.",
+    "vision_projection.",
+    "text_projection.",
+    "itm_head.",
+)
+
+# Keys that some writers include but which are derivable buffers, never weights.
+_IGNORABLE = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq|masked_bias|attn\.bias)$")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def as_dtype(d: Any) -> torch.dtype | None:
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    s = str(d).replace("torch.", "")
+    if s not in DTYPES:
+        raise ValueError(f"unknown dtype {d!r}; use one of {sorted(set(DTYPES))} or 'auto'")
+    return DTYPES[s]
+
+
+class CheckpointError(ValueError):
+    """The files on disk do not fit the model that was asked for."""
+
+
+def _rename(k: str) -> str:
+    for pat, rep in KEY_RENAMES:
+        k = re.sub(pat, rep, k)
+    return k
+
+
+def checkpoint_files(d: Path) -> tuple[list[Path], str]:
+    """The weight files of a checkpoint directory, and their format ('safetensors' or 'pt')."""
+    for index, fmt in ((SAFE_INDEX, "safetensors"), (PT_INDEX, "pt")):
+        if (d / index).exists():
+            try:
+                wm = json.loads((d / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{d / index} is not a valid shard index ({e})") from e
+            files = [d / f for f in sorted(set(wm.values()))]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{d / index} lists shards that are not in {d}: {missing}; re-download them")
+            return files, fmt
+    if (d / SAFE_WEIGHTS).exists():
+        return [d / SAFE_WEIGHTS], "safetensors"
+    if (d / PT_WEIGHTS).exists():
+        return [d / PT_WEIGHTS], "pt"
+    raise CheckpointError(
+        f"no weights in {d}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {PT_WEIGHTS} or {PT_INDEX}"
+    )
+
+
+class _Reader:
+    """Key -> (file, lazy tensor getter) over all shards, opened by mmap."""
+
+    def __init__(self, files: list[Path], fmt: str):
+        self.where: dict[str, Path] = {}
+        self._get: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}
+        self._handles = []
+        for f in files:
+            if fmt == "safetensors":
+                from safetensors import safe_open
+
+                try:
+                    h = safe_open(str(f), framework="pt", device="cpu")
+                except Exception as e:
+                    raise CheckpointError(f"cannot read {f}: {e}. The file is damaged or not safetensors; re-download it") from e
+                self._handles.append(h)
+                for k in h.keys():
+                    self._add(k, f, (lambda h=h, k=k: h.get_tensor(k)), (lambda h=h, k=k: h.get_slice(k)))
+            else:
+                try:
+                    sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise CheckpointError(f"cannot read {f} as a weights-only PyTorch file: {e}") from e
+                if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                    sd = sd["state_dict"]
+                for k, v in sd.items():
+                    self._add(k, f, (lambda v=v: v), (lambda v=v: v))
+
+    def _add(self, k, f, get, info):
+        k = _rename(k)
+        self.where[k] = f
+        self._get[k] = get
+        self._info[k] = info  # something with get_shape()/get_dtype() or a tensor: no data read
+
+    def keys(self):
+        return self.where.keys()
+
+    def get(self, k) -> torch.Tensor:
+        return self._get[k]()
+
+    def shape(self, k) -> tuple[int, ...]:
+        i = self._info[k]()
+        return tuple(i.shape) if isinstance(i, torch.Tensor) else tuple(i.get_shape())
+
+    def is_float(self, k) -> bool:
+        i = self._info[k]()
+        if isinstance(i, torch.Tensor):
+            return i.is_floating_point()
+        return i.get_dtype() in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _fmt_keys(keys, n=8) -> str:
+    keys = sorted(keys)
+    s = ", ".join(keys[:n])
+    return s + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+class PreTrainedModel(nn.Module):
+    """Base of every model class: config, dtype/device, from_pretrained and save_pretrained."""
+
+    config_class: type[PretrainedConfig] = PretrainedConfig
+    # The prefix this class's keys carry inside a composite checkpoint (e.g. "vision_model."
+    # for Blip2VisionModel); stripped when the checkpoint is a full BLIP-2 one.
+    part_prefix: str = ""
+    # Modules kept in fp32 when loading in float16, as the reference does.
+    _keep_in_fp32_modules: tuple[str, ...] = ()
+    # target key -> source key, for weights that are the same tensor (not stored twice).
+    _tied_weights_keys: dict[str, str] = {}
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.config = config
+
+    # --- properties ---
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, n = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed" in name):
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n
+
+    def tied_weights(self) -> dict[str, str]:
+        """Active ties for this config (subclasses may drop some, e.g. untied Flan-T5 heads)."""
+        return dict(self._tied_weights_keys)
+
+    def tie_weights(self) -> None:
+        for tgt, src in self.tied_weights().items():
+            *mpath, name = tgt.split(".")
+            mod = self.get_submodule(".".join(mpath))
+            setattr(mod, name, self.get_parameter(src))
+
+    # --- initialisation of a model built from a config (not from a checkpoint) ---
+    def post_init(self) -> None:
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # --- loading ---
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        config: PretrainedConfig | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
+        **config_overrides,
+    ):
+        """Load a checkpoint directory or hub id written in the Hugging Face layout.
+
+        dtype: None or "auto" keeps the checkpoint's dtype (the config's `dtype` if set);
+        a torch dtype (or its name) casts floating weights to it. device: where the weights go.
+        """
+        if dtype is None:
+            dtype = torch_dtype
+        if device is None and isinstance(device_map, (str, torch.device)) and device_map != "auto":
+            device = device_map
+        d = resolve_dir(str(pretrained_model_name_or_path))
+        if config is None:
+            if not (d / CONFIG_NAME).exists():
+                raise CheckpointError(f"no {CONFIG_NAME} in {d}: is this a model checkpoint directory?")
+            config = cls.config_class.from_json_file(d / CONFIG_NAME)
+        for k, v in config_overrides.items():
+            setattr(config, k, v)
+        files, fmt = checkpoint_files(d)
+        reader = _Reader(files, fmt)
+
+        if dtype is None or dtype == "auto":
+            dtype = as_dtype(getattr(config, "dtype", None)) or _first_float_dtype(reader)
+        dtype = as_dtype(dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+
+        with torch.device("meta"):
+            model = cls(config)
+        model._load_from(reader, d, dtype, device)
+        model.eval()
+        return model
+
+    def _fp32_keep(self, key: str, dtype: torch.dtype) -> bool:
+        if dtype != torch.float16:
+            return False
+        return any(key == m or key.startswith(m + ".") or f".{m}." in f".{key}" for m in self._keep_in_fp32_modules)
+
+    def _load_from(self, reader: _Reader, d: Path, dtype: torch.dtype, device: torch.device) -> None:
+        ours = {k: t for k, t in self.state_dict(keep_vars=True).items()}
+        tied = self.tied_weights()
+        ckpt_keys = [k for k in reader.keys() if not _IGNORABLE.search(k)]
+
+        # A part model (e.g. Blip2VisionModel) reading a full BLIP-2 checkpoint takes its prefix.
+        mapping: dict[str, str] = {}  # our key -> checkpoint key
+        pre = self.part_prefix
+        if pre and any(k.startswith(pre) for k in ckpt_keys):
+            for k in ckpt_keys:
+                if k.startswith(pre):
+                    mapping[k[len(pre):]] = k
+            skipped = []
+        else:
+            mapping = {k: k for k in ckpt_keys}
+            skipped = []
+
+        unexpected = []
+        for ok in list(mapping):
+            if ok not in ours:
+                ck = mapping.pop(ok)
+                if ok in tied:  # a stored copy of a tied weight
+                    continue
+                part = next((p for p in BLIP2_PARTS if ok.startswith(p)), None)
+                has_part = part is not None and any(k.startswith(part) for k in ours)
+                if part is not None and not has_part:
+                    skipped.append(ck)  # belongs to a sibling class; not ours to load
+                else:
+                    unexpected.append(ck)
+        missing = [k for k in ours if k not in mapping and k not in tied]
+        wrong = []
+        for ok, ck in mapping.items():
+            want = tuple(ours[ok].shape)
+            got = reader.shape(ck)
+            if want != got:
+                wrong.append(f"{ck}: checkpoint {list(got)}, model {list(want)}")
+        problems = []
+        files = sorted({str(reader.where[k].name) for k in reader.keys()})
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s): {_fmt_keys(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} tensor(s): {_fmt_keys(unexpected)}")
+        if wrong:
+            problems.append(f"wrong shape for {len(wrong)} tensor(s): " + "; ".join(wrong[:6]))
+        if problems:
+            arch = getattr(self.config, "architectures", None)
+            hint = f" (its config names {arch})" if arch else ""
+            raise CheckpointError(
+                f"checkpoint {d} ({', '.join(files)}){hint} does not fit {type(self).__name__}: "
+                + " | ".join(problems)
+                + ". Check that the config.json and the weights belong together and to this class."
+            )
+
+        sd = {}
+        for ok, ck in mapping.items():
+            t = reader.get(ck)
+            target = ours[ok]
+            if t.is_floating_point():
+                want = torch.float32 if self._fp32_keep(ok, dtype) else dtype
+                t = t.to(device=device, dtype=want)
+            else:
+                t = t.to(device=device, dtype=target.dtype)
+            sd[ok] = t
+        self.load_state_dict(sd, strict=False, assign=True)
+        self.tie_weights()
+        # Anything still on meta was neither loaded nor tied: a bug in the class, not the file.
+        left = [n for n, p in list(self.named_parameters()) + list(self.named_buffers()) if p.is_meta]
+        if left:
+            raise RuntimeError(f"{type(self).__name__}: not initialised after loading: {_fmt_keys(left)}")
+
+    # --- saving ---
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        **kwargs,
+    ) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tied = set(self.tied_weights())
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}
+        cfg = self.config
+        cfg.architectures = [type(self).__name__]
+        cfg.dtype = str(self.dtype).replace("torch.", "")
+        cfg.save_pretrained(d)
+        gen = getattr(self, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(d)
+        for old in list(d.glob("model*.safetensors")) + [d / SAFE_INDEX]:
+            if old.exists():
+                old.unlink()
+        limit = _parse_size(max_shard_size)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in sd.items():
+            n = v.numel() * v.element_size()
+            if shards[-1] and size + n > limit:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += n
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(d / SAFE_WEIGHTS), metadata=meta)
+            return
+        weight_map, total = {}, 0
+        for i, sh in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sh, str(d / name), metadata=meta)
+            for k, v in sh.items():
+                weight_map[k] = name
+                total += v.numel() * v.element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (d / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _first_float_dtype(reader: _Reader) -> torch.dtype:
+    for k in reader.keys():
+        if reader.is_float(k):
+            return reader.get(k).dtype
+    return torch.float32
+
+
+def _parse_size(s: int | str) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", s, re.I)
+    if not m:
+        raise ValueError(f"max_shard_size {s!r}: use bytes or a size like '5GB'")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
