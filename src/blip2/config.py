@@ -231,7 +231,6 @@ class T5Config(PretrainedConfig):
         layer_norm_epsilon=1e-6,
         initializer_factor=1.0,
         feed_forward_proj="relu",
-        is_encoder_decoder=True,
         use_cache=True,
         pad_token_id=0,
         eos_token_id=1,
@@ -244,17 +243,9 @@ class T5Config(PretrainedConfig):
         act = self.feed_forward_proj.split("-")
         if len(act) > 2 or (len(act) == 2 and act[0] != "gated"):
             raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r}: use 'gated-ACT' or 'ACT'")
-        # derived, not serialised (they start with no underscore but are recomputed on load)
-        object.__setattr__(self, "_dense_act_fn", "gelu_new" if self.feed_forward_proj == "gated-gelu" else act[-1])
-        object.__setattr__(self, "_is_gated_act", act[0] == "gated")
-
-    @property
-    def dense_act_fn(self) -> str:
-        return self._dense_act_fn
-
-    @property
-    def is_gated_act(self) -> bool:
-        return self._is_gated_act
+        # derived from feed_forward_proj (and written to config.json, as the reference does)
+        self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act[-1]
+        self.is_gated_act = act[0] == "gated"
 
 
 TEXT_CONFIGS: dict[str, type[PretrainedConfig]] = {"opt": OPTConfig, "t5": T5Config}
@@ -297,14 +288,10 @@ class Blip2Config(PretrainedConfig):
         # The Q-Former cross-attends to the ViT output, so its width follows the ViT's.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         self.use_decoder_only_language_model = self.text_config.model_type in DECODER_ONLY
-
-    @property
-    def is_encoder_decoder(self) -> bool:  # derived from the language model, never stored
-        return self.text_config.is_encoder_decoder
-
-    @is_encoder_decoder.setter
-    def is_encoder_decoder(self, value):
-        pass
+        # Derived from the language model; written only when True, like the reference.
+        self.__dict__.pop("is_encoder_decoder", None)
+        if self.text_config.is_encoder_decoder:
+            self.is_encoder_decoder = True
 
     @classmethod
     def from_vision_qformer_text_configs(cls, vision_config, qformer_config, text_config=None, **kwargs):

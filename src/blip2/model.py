@@ -1,0 +1,276 @@
+"""BLIP-2 with a language model: Blip2Model and Blip2ForConditionalGeneration.
+
+    pixel_values ─► vision_model (EVA ViT) ─► image_embeds (B, 1+P, Cv)
+                                                   │ cross-attention
+    query_tokens (1, Q, Cq) ─────────────────► qformer ─► (B, Q, Cq)
+                                                   │
+                                      language_projection ─► (B, Q, C_lm)
+                                                   │ written over the <image> placeholders
+    input_ids ─► embed_tokens ─► inputs_embeds ────┴─► language_model (OPT / T5) ─► logits
+
+The image is encoded once per call; generate() prefills the language model once and then
+decodes with a preallocated KV cache (see lm.py, generation.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Blip2Config
+from .generation import GenerationConfig, generate as _generate
+from .lm import build_language_model
+from .outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithVisionQformerOutputs,
+    Blip2ForConditionalGenerationModelOutput,
+)
+from .qformer import Blip2QFormerModel
+from .vision import Blip2VisionModel
+from .weights import PreTrainedModel
+
+
+class _Blip2WithLM(PreTrainedModel):
+    """The parts and the image→prompt path shared by Blip2Model and Blip2ForConditionalGeneration."""
+
+    config_class = Blip2Config
+    _keep_in_fp32_modules = ("query_tokens", "qformer")
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        qc = config.qformer_config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qc.hidden_size))
+        self.qformer = Blip2QFormerModel(qc)
+        self.language_projection = nn.Linear(qc.hidden_size, config.text_config.hidden_size)
+        self.language_model = build_language_model(config.text_config)
+        self.generation_config = GenerationConfig.from_model_config(config.text_config)
+        self.post_init()
+
+    def _init_weights(self, m):
+        super()._init_weights(m)
+        if m is self:
+            nn.init.normal_(self.query_tokens, std=self.config.initializer_range)
+
+    def tied_weights(self):
+        return {f"language_model.{t}": f"language_model.{s}" for t, s in self.language_model.tied_weights().items()}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        from .hub import resolve_dir
+
+        d = resolve_dir(str(pretrained_model_name_or_path))
+        if (d / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(d)
+        return model
+
+    # --- embeddings access, as the reference exposes them ---
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_encoder(self):
+        return self.language_model.get_encoder()
+
+    # --- image -> language-model inputs ---
+    def _image_to_lm(self, pixel_values, interpolate_pos_encoding=False, **out_kw):
+        """Run ViT, Q-Former and projection once. Returns (vision_out, qformer_out, (B, Q, C_lm))."""
+        vision_out = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **out_kw
+        )
+        image_embeds = vision_out.last_hidden_state  # (B, 1+P, Cv)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        qformer_out = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            return_dict=True,
+            **out_kw,
+        )
+        q = qformer_out.last_hidden_state
+        if q.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
+            q = q.to(image_embeds.dtype)
+        return vision_out, qformer_out, self.language_projection(q)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds):
+        """(B, T, C) bool mask of the positions that hold the image-token placeholder."""
+        if input_ids is None:
+            img = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_index, dtype=torch.long, device=inputs_embeds.device)
+            )
+            m = (inputs_embeds == img).all(-1)
+        else:
+            m = input_ids == self.config.image_token_index
+        return m.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+
+    def _merge(self, input_ids, inputs_embeds, lm_inputs):
+        """Write the projected queries over the placeholder embeddings."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        lm_inputs = lm_inputs.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        n = int(mask[..., 0].sum())
+        if n != lm_inputs.shape[0] * lm_inputs.shape[1]:
+            raise ValueError(
+                f"the prompt holds {n} image-token placeholders (id {self.config.image_token_index}) but the "
+                f"images give {lm_inputs.shape[0]}×{lm_inputs.shape[1]} query embeddings. Build the inputs with "
+                f"Blip2Processor (num_query_tokens={self.config.num_query_tokens}), which inserts them for you."
+            )
+        return inputs_embeds.masked_scatter(mask, lm_inputs)
+
+    def _lm_forward(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, labels, **kw):
+        if self.config.use_decoder_only_language_model:
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kw)
+            logits, loss = out.logits, None
+            if labels is not None:
+                # Labels cover the text part only: align them with the last positions, then shift.
+                labels = labels.to(logits.device)
+                logits = logits[:, -labels.size(1) :, :]
+                loss = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, self.config.text_config.vocab_size).float(),
+                    labels[:, 1:].reshape(-1),
+                    ignore_index=-100,
+                )
+        else:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+                return_dict=True,
+                **kw,
+            )
+            logits, loss = out.logits, out.loss
+        return loss, logits, out
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Blip2ForConditionalGenerationModelOutput:
+        out_kw = {}
+        if output_attentions is not None:
+            out_kw["output_attentions"] = output_attentions
+        if output_hidden_states is not None:
+            out_kw["output_hidden_states"] = output_hidden_states
+        vision_out, qformer_out, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding, **out_kw)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self._merge(input_ids, inputs_embeds, lm_inputs)
+        loss, logits, lm_out = self._lm_forward(
+            embeds, attention_mask, decoder_input_ids, decoder_attention_mask, labels, **out_kw
+        )
+        out = Blip2ForConditionalGenerationModelOutput(
+            loss=loss, logits=logits, vision_outputs=vision_out, qformer_outputs=qformer_out, language_model_outputs=lm_out
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class Blip2Model(_Blip2WithLM):
+    """Vision encoder + Q-Former + language model, with feature getters for each stage."""
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        legacy_output: bool = True,
+        **kwargs,
+    ):
+        """Hidden states of the language model's text side: the decoder stack for OPT (after
+        project_out), the encoder for T5. legacy_output=False returns the tensor alone."""
+        h = self.language_model.text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return h if legacy_output else h.last_hidden_state
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False, legacy_output: bool = True, **kwargs
+    ):
+        """The vision encoder's output (BaseModelOutputWithPooling); legacy_output=False → last_hidden_state."""
+        out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        return out if legacy_output else out.last_hidden_state
+
+    def get_qformer_features(
+        self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False, legacy_output: bool | None = None
+    ):
+        """The Q-Former's query outputs (B, Q, Cq).
+
+        By default this is the tensor, as transformers 5.8.0 returns; legacy_output=True gives
+        the full Q-Former output object instead.
+        """
+        _, qformer_out, _ = self._image_to_lm(pixel_values, interpolate_pos_encoding)
+        return qformer_out if legacy_output else qformer_out.last_hidden_state
+
+
+class Blip2ForConditionalGeneration(_Blip2WithLM):
+    """Captioning and visual question answering: image (+ optional prompt) -> text."""
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False, legacy_output: bool = True, **kwargs
+    ):
+        """Projected query outputs (pooler_output, (B, Q, C_lm)) with the vision and Q-Former outputs."""
+        vision_out, qformer_out, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding, **kwargs)
+        if not legacy_output:
+            return lm_inputs
+        return BaseModelOutputWithVisionQformerOutputs(
+            last_hidden_state=vision_out.last_hidden_state,
+            pooler_output=lm_inputs,
+            hidden_states=vision_out.hidden_states,
+            attentions=vision_out.attentions,
+            vision_outputs=vision_out,
+            qformer_outputs=qformer_out,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        generation_config: GenerationConfig | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Generate text for each image. Returns what the reference returns: for OPT the prompt
+        ids followed by the new ids; for T5 the decoder ids starting with the start token."""
+        _, _, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding)
+        B = pixel_values.shape[0]
+        prompt_given = input_ids is not None or inputs_embeds is not None
+        if inputs_embeds is None and input_ids is None:
+            # No prompt: the image placeholders then BOS, as the reference starts.
+            start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
+            input_ids = torch.tensor([start], dtype=torch.long, device=lm_inputs.device).repeat(B, 1)
+        if attention_mask is None:
+            ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        embeds = self._merge(input_ids, inputs_embeds, lm_inputs)
+
+        gen = GenerationConfig.from_dict((generation_config or self.generation_config).to_dict())
+        unused = gen.update(**generate_kwargs)
+        if unused:
+            raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
+        del prompt_given
+        return _generate_with_lm(self.language_model, embeds, attention_mask, input_ids, gen, self.config)
+
+
+def _generate_with_lm(lm, embeds, attention_mask, input_ids, gen, config) -> torch.LongTensor:
+    """Prefill the language model once on `embeds` and run the search in generation.py."""
+    raise NotImplementedError  # wired once lm.py / generation.py land
