@@ -1,5 +1,9 @@
 """blip2: a fast, exact, PyTorch-native BLIP-2."""
 
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+from .qformer import Blip2QFormerModel
+from .retrieval import Blip2ForImageTextRetrieval, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
+from .vision import Blip2VisionModel
+from .weights import CheckpointError, PreTrainedModel
 
 __version__ = "0.1.0"

@@ -1,0 +1,262 @@
+"""BLIP-2 stage-1 models: image-text matching (ITM), contrastive similarity (ITC) and the two
+projection encoders that give the ITC embeddings separately (e.g. Salesforce/blip2-itm-vit-g).
+
+ITC: image -> 32 query outputs -> vision_projection, normalised (B, Q, E); text -> CLS ->
+text_projection, normalised (N, E); similarity = max over the queries (no temperature).
+ITM: queries and text go through the Q-Former together, the queries cross-attend to the image;
+itm_head on the query outputs, averaged over the queries -> (B, 2) [no-match, match] logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Blip2Config
+from .outputs import Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput
+from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
+from .vision import Blip2VisionModel
+from .weights import PreTrainedModel
+
+
+class _Blip2Stage1(PreTrainedModel):
+    """Config handling, init and the image -> query-output path shared by the classes below."""
+
+    config_class = Blip2Config
+    # As the reference: in float16 the queries and the Q-Former stay fp32 (bf16 casts everything).
+    _keep_in_fp32_modules = ("query_tokens", "qformer")
+
+    def _init_weights(self, m: nn.Module) -> None:
+        super()._init_weights(m)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
+        if m is self and hasattr(self, "query_tokens"):
+            # The reference zero-fills the queries, which makes all of them identical; LAVIS
+            # draws them like BERT weights, which gives a model built from a config distinct queries.
+            nn.init.normal_(self.query_tokens, std=self.config.qformer_config.initializer_range)
+
+    def _new_queries(self) -> nn.Parameter:
+        c = self.config
+        return nn.Parameter(torch.zeros(1, c.num_query_tokens, c.qformer_config.hidden_size))
+
+    def _opts(self, output_attentions, output_hidden_states, return_dict):
+        c = self.config
+        return (
+            c.output_attentions if output_attentions is None else output_attentions,
+            c.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            c.return_dict if return_dict is None else return_dict,
+        )
+
+    def _query_image(self, image_embeds: torch.Tensor, **kw):
+        """The learned queries read the ViT output (B, T, Cv): Q-Former output over the queries."""
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=mask,
+            return_dict=True,
+            **kw,
+        )
+
+
+class Blip2ForImageTextRetrieval(_Blip2Stage1):
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        qc = config.qformer_config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = self._new_queries()
+        self.embeddings = Blip2TextEmbeddings(qc)
+        self.qformer = Blip2QFormerModel(qc)
+        self.vision_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(qc.hidden_size, 2)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def _carries_image_tokens(self, input_ids: torch.Tensor) -> bool:
+        # Blip2Processor puts num_query_tokens image tokens before the text when it gets images.
+        # The reference drops the first num_query_tokens ids whenever image_token_index is set;
+        # we drop them only when they are those tokens, so text tokenised on its own still works.
+        tok, Q = self.config.image_token_index, self.config.num_query_tokens
+        return tok is not None and input_ids.shape[1] >= Q and bool((input_ids[:, :Q] == tok).all())
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        use_image_text_matching_head: bool | None = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> Blip2ImageTextMatchingModelOutput | tuple:
+        """ITM (use_image_text_matching_head=True): image i with text i -> logits_per_image (B, 2).
+        ITC: every image with every text -> logits_per_image (N_img, N_txt) cosine similarities.
+        output_attentions / output_hidden_states apply to the vision model, as in the reference."""
+        output_attentions, output_hidden_states, return_dict = self._opts(
+            output_attentions, output_hidden_states, return_dict
+        )
+        vision_out = self.vision_model(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        image_embeds = vision_out.last_hidden_state  # (B, 1+N, Cv)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        strip = self._carries_image_tokens(input_ids)
+        Q = self.query_tokens.shape[1]
+        if strip:
+            input_ids = input_ids[:, Q:]
+
+        if use_image_text_matching_head:
+            if not strip:  # the image-token positions of the mask stand for the queries; add them
+                qmask = torch.ones(attention_mask.shape[0], Q, dtype=attention_mask.dtype, device=attention_mask.device)
+                attention_mask = torch.cat([qmask, attention_mask.to(qmask.device)], dim=1)
+            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            text_out = self.qformer(
+                query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
+                query_length=Q,
+                attention_mask=attention_mask,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+                return_dict=True,
+            )
+            text_embeds = text_out.last_hidden_state.to(self.itm_head.weight.dtype)  # (B, Q+L, C)
+            logits_per_image = self.itm_head(text_embeds[:, :Q]).mean(dim=1)  # (B, 2)
+        else:
+            q = self._query_image(image_embeds).last_hidden_state.to(self.vision_projection.weight.dtype)
+            if strip:
+                attention_mask = attention_mask[:, Q:]
+            text_out = self.qformer(
+                query_embeds=self.embeddings(input_ids=input_ids),
+                query_length=0,
+                attention_mask=attention_mask,
+                return_dict=True,
+            )
+            t = text_out.last_hidden_state.to(self.text_projection.weight.dtype)
+            image_embeds = F.normalize(self.vision_projection(q), dim=-1)  # (B, Q, E)
+            text_embeds = F.normalize(self.text_projection(t[:, 0]), dim=-1)  # (N, E)
+            logits_per_image = (image_embeds @ text_embeds.t()).max(dim=1).values  # (B, N): best query
+        logits_per_text = logits_per_image.t()
+
+        if not return_dict:
+            return (
+                logits_per_image, logits_per_text, text_embeds, image_embeds, text_out.to_tuple(), vision_out.to_tuple()
+            )
+        return Blip2ImageTextMatchingModelOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_out,
+            vision_model_output=vision_out,
+        )
+
+
+class Blip2TextModelWithProjection(_Blip2Stage1):
+    main_input_name = "input_ids"
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        qc = config.qformer_config
+        self.query_tokens = self._new_queries()  # unused by the text path; kept so checkpoints match
+        self.embeddings = Blip2TextEmbeddings(qc)
+        self.qformer = Blip2QFormerModel(qc)
+        self.text_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> Blip2TextModelOutput | tuple:
+        """text_embeds: every token's projected, normalised embedding (B, L, E); index 0 is the ITC one."""
+        output_attentions, output_hidden_states, return_dict = self._opts(
+            output_attentions, output_hidden_states, return_dict
+        )
+        out = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids, position_ids=position_ids),
+            query_length=0,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        h = out.last_hidden_state.to(self.text_projection.weight.dtype)
+        res = Blip2TextModelOutput(
+            text_embeds=F.normalize(self.text_projection(h), dim=-1),
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        return res if return_dict else res.to_tuple()
+
+
+class Blip2VisionModelWithProjection(_Blip2Stage1):
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        qc = config.qformer_config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = self._new_queries()
+        self.qformer = Blip2QFormerModel(qc)
+        self.vision_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> Blip2VisionModelOutput | tuple:
+        """image_embeds: the projected, normalised query outputs (B, Q, E); the rest is the ViT's."""
+        output_attentions, output_hidden_states, return_dict = self._opts(
+            output_attentions, output_hidden_states, return_dict
+        )
+        vision_out = self.vision_model(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        q = self._query_image(vision_out.last_hidden_state).last_hidden_state
+        q = q.to(self.vision_projection.weight.dtype)
+        res = Blip2VisionModelOutput(
+            image_embeds=F.normalize(self.vision_projection(q), dim=-1),
+            last_hidden_state=vision_out.last_hidden_state,
+            hidden_states=vision_out.hidden_states,
+            attentions=vision_out.attentions,
+        )
+        return res if return_dict else res.to_tuple()
