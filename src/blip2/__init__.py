@@ -1,8 +1,11 @@
 """blip2: a fast, exact, PyTorch-native BLIP-2."""
 
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+from .image_processing import BlipImageProcessor, ImageLoadError, load_image
+from .processing import AutoProcessor, Blip2Processor
 from .qformer import Blip2QFormerModel
 from .retrieval import Blip2ForImageTextRetrieval, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
+from .tokenization import AutoTokenizer, BatchEncoding, Blip2Tokenizer
 from .vision import Blip2VisionModel
 from .weights import CheckpointError, PreTrainedModel
 
