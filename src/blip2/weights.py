@@ -48,6 +48,8 @@ BLIP2_PARTS = (
     "vision_projection.",
     "text_projection.",
     "itm_head.",
+    "temp",  # stage-1 pre-training extras (pretrain.py); inference classes skip them
+    "itg_head.",
 )
 
 # Keys that some writers include but which are derivable buffers, never weights.
