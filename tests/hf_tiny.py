@@ -28,21 +28,23 @@ OPT = dict(
 T5 = dict(
     model_type="t5", vocab_size=120, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
     num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
-    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1,
     decoder_start_token_id=0,
 )
 
 
 def blip2_config(text: str | None = "opt", num_query_tokens: int = 4, **over):
-    """A transformers Blip2Config for a tiny model. text: "opt", "t5" or None (retrieval)."""
+    """A transformers Blip2Config for a tiny model. text: "opt", "t5" or None (retrieval).
+    Overrides: vision=, qformer=, text_config= dicts; other keys go to Blip2Config."""
     from transformers import Blip2Config
 
     vision = {**VISION, **over.pop("vision", {})}
     qformer = {**QFORMER, **over.pop("qformer", {})}
+    text_over = over.pop("text_config", {})
     kw = dict(vision_config=vision, qformer_config=qformer, num_query_tokens=num_query_tokens,
               image_text_hidden_size=16)
     if text is not None:
-        tc = {**(OPT if text == "opt" else T5), **over.pop("text", {})}
+        tc = {**(OPT if text == "opt" else T5), **text_over}
         kw["text_config"] = tc
         kw["image_token_index"] = tc["vocab_size"] - 1
     kw.update(over)

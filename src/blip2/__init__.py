@@ -1,7 +1,9 @@
 """blip2: a fast, exact, PyTorch-native BLIP-2."""
 
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+from .generation import GenerationConfig
 from .image_processing import BlipImageProcessor, ImageLoadError, load_image
+from .model import Blip2ForConditionalGeneration, Blip2Model
 from .processing import AutoProcessor, Blip2Processor
 from .qformer import Blip2QFormerModel
 from .retrieval import Blip2ForImageTextRetrieval, Blip2TextModelWithProjection, Blip2VisionModelWithProjection

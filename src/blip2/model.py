@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config
-from .generation import GenerationConfig, generate as _generate
+from .generation import GenerationConfig, decode, prepare_generation_config
 from .lm import build_language_model
 from .outputs import (
     BaseModelOutputWithPooling,
@@ -46,7 +46,18 @@ class _Blip2WithLM(PreTrainedModel):
         self.language_projection = nn.Linear(qc.hidden_size, config.text_config.hidden_size)
         self.language_model = build_language_model(config.text_config)
         self.generation_config = GenerationConfig.from_model_config(config.text_config)
+        # The language model's own fp32 islands (T5's `wo` under fp16) hold inside BLIP-2 too.
+        self._keep_in_fp32_modules = type(self)._keep_in_fp32_modules + tuple(
+            getattr(self.language_model, "_keep_in_fp32_modules", ())
+        )
         self.post_init()
+
+    def _load_from(self, reader, d, dtype, device):
+        # Whether the LM head is tied depends on what the file stores (an untied Flan-T5 head).
+        if hasattr(self.language_model, "fit_ties"):
+            pre = "language_model."
+            self.language_model.fit_ties(k[len(pre):] for k in reader.keys() if k.startswith(pre))
+        super()._load_from(reader, d, dtype, device)
 
     def _init_weights(self, m):
         super()._init_weights(m)
@@ -112,6 +123,12 @@ class _Blip2WithLM(PreTrainedModel):
         """Write the projected queries over the placeholder embeddings."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if lm_inputs.shape[-1] != inputs_embeds.shape[-1]:
+            raise ValueError(
+                f"language_projection gives {lm_inputs.shape[-1]}-wide vectors but the language model's token "
+                f"embeddings are {inputs_embeds.shape[-1]}-wide (text_config.word_embed_proj_dim != hidden_size?); "
+                "BLIP-2 needs them equal"
+            )
         lm_inputs = lm_inputs.to(inputs_embeds.device, inputs_embeds.dtype)
         mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         n = int(mask[..., 0].sum())
@@ -253,9 +270,10 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         ids followed by the new ids; for T5 the decoder ids starting with the start token."""
         _, _, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding)
         B = pixel_values.shape[0]
-        prompt_given = input_ids is not None or inputs_embeds is not None
         if inputs_embeds is None and input_ids is None:
             # No prompt: the image placeholders then BOS, as the reference starts.
+            if self.config.text_config.bos_token_id is None:
+                raise ValueError("text_config.bos_token_id is not set: pass a prompt (input_ids) to generate from")
             start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
             input_ids = torch.tensor([start], dtype=torch.long, device=lm_inputs.device).repeat(B, 1)
         if attention_mask is None:
@@ -263,14 +281,30 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         embeds = self._merge(input_ids, inputs_embeds, lm_inputs)
 
-        gen = GenerationConfig.from_dict((generation_config or self.generation_config).to_dict())
-        unused = gen.update(**generate_kwargs)
+        return self._generate(embeds, attention_mask, input_ids, generation_config, **generate_kwargs)
+
+    def _generate(self, embeds, attention_mask, input_ids, generation_config=None, **kwargs) -> torch.LongTensor:
+        """Prefill the language model once on `embeds` (B, T, C) and run the search (generation.py).
+
+        The token history the search sees, and that the result starts with, is what the reference
+        returns: for OPT the prompt ids (none when only embeddings were given); for T5 the decoder
+        start token.
+        """
+        B = embeds.shape[0]
+        tc = self.config.text_config
+        if self.config.use_decoder_only_language_model:
+            history = input_ids if input_ids is not None else embeds.new_zeros((B, 0), dtype=torch.long)
+            embeds_len, max_pos = embeds.shape[1], tc.max_position_embeddings
+        else:
+            start = tc.decoder_start_token_id if tc.decoder_start_token_id is not None else tc.bos_token_id
+            history = torch.full((B, 1), start, dtype=torch.long, device=embeds.device)
+            embeds_len, max_pos = None, None
+        cfg, unused = prepare_generation_config(
+            generation_config, self.generation_config, prompt_len=history.shape[1],
+            inputs_embeds_len=embeds_len, max_position_embeddings=max_pos, **kwargs,
+        )
         if unused:
-            raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
-        del prompt_given
-        return _generate_with_lm(self.language_model, embeds, attention_mask, input_ids, gen, self.config)
-
-
-def _generate_with_lm(lm, embeds, attention_mask, input_ids, gen, config) -> torch.LongTensor:
-    """Prefill the language model once on `embeds` and run the search in generation.py."""
-    raise NotImplementedError  # wired once lm.py / generation.py land
+            raise TypeError(f"generate() got arguments that are not generation parameters: {sorted(unused)}")
+        max_new = max(cfg.max_length - history.shape[1], 0)
+        session = self.language_model.start(embeds, attention_mask, max_new)
+        return decode(session, history, cfg)

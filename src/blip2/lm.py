@@ -1,0 +1,183 @@
+"""What BLIP-2 asks of its language model, and the preallocated KV cache that decoding writes into.
+
+A language model (opt.py, t5.py; a Llama-family decoder would be one more file and one more line
+in LANGUAGE_MODELS) offers:
+
+    get_input_embeddings() / get_output_embeddings()
+    forward(input_ids=, attention_mask=, inputs_embeds=, labels=, ...)   # uncached, full recompute
+    text_features(input_ids=, attention_mask=, ...)                       # Blip2Model.get_text_features
+    tied_weights() -> {target key: source key}
+    start(inputs_embeds, attention_mask, max_new_tokens) -> LMSession    # cached decoding
+
+An LMSession owns one KVCache per attention layer, sized once for the whole call:
+
+    logits = s.prefill()          # (B, V): next-token logits after the prompt (T5: after the start token)
+    logits = s.step(tokens)       # tokens (B,): append one token per row, (B, V) logits for the next
+    s.reorder(index)              # rows <- rows[index]: beam reorder, or B -> B*k expansion
+
+Positions are host-side ints sliced from a preallocated arange, so a step does no host sync.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# model_type -> (module, class). Adding a decoder family is adding a line here.
+LANGUAGE_MODELS: dict[str, tuple[str, str]] = {
+    "opt": ("blip2.opt", "OPTForCausalLM"),
+    "t5": ("blip2.t5", "T5ForConditionalGeneration"),
+}
+
+
+def build_language_model(config) -> nn.Module:
+    mt = getattr(config, "model_type", None)
+    if mt not in LANGUAGE_MODELS:
+        raise ValueError(f"no language model for model_type {mt!r}; supported: {sorted(LANGUAGE_MODELS)}")
+    mod, cls = LANGUAGE_MODELS[mt]
+    return getattr(importlib.import_module(mod), cls)(config)
+
+
+# --- activations, by the names config files use ---
+def gelu_new(x: Tensor) -> Tensor:
+    # the tanh approximation spelled out term by term, as the reference computes it (bit-for-bit)
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACT: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACT:
+        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(ACT)}")
+    return ACT[name]
+
+
+# --- attention ---
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, is_causal: bool = False,
+    scale: float | None = None, dropout_p: float = 0.0, need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """q (B, nh, T, hs), k/v (B, nh, S, hs); mask bool (True = attend) or additive, broadcastable
+    to (B, nh, T, S). Returns (B, nh, T, hs) and the (B, nh, T, S) weights when asked for."""
+    if not need_weights:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        return y, None
+    att = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, nh, T, S)
+    if is_causal:
+        T, S = att.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None and mask.dtype == torch.bool:
+        att = att.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        att = att + mask
+    w = torch.softmax(att.float(), dim=-1).nan_to_num(0.0).to(q.dtype)  # a fully masked row gives 0, as SDPA does
+    w = F.dropout(w, dropout_p) if dropout_p > 0 else w
+    return w @ v, w
+
+
+def causal_mask(pad: Tensor, q_pos: Tensor) -> Tensor:
+    """pad (B, S) bool key mask, q_pos (T,) absolute query positions -> (B, 1, T, S) bool."""
+    k_pos = torch.arange(pad.shape[1], device=pad.device)
+    return pad[:, None, None, :] & (k_pos[None, :] <= q_pos[:, None])
+
+
+def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool mask -> 0 where True, the dtype's lowest finite value where False (the reference's eager masks)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
+    """Token t predicts label t+1; -100 is ignored; computed in fp32 as the reference does."""
+    shift = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+    red = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100, reduction=red)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+# --- decoding state ---
+class KVCache:
+    """Keys and values of one attention layer: k, v (B, nh, T_max, hs), written at input_pos."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    @classmethod
+    def empty(cls, B: int, nh: int, T: int, hs: int, dtype: torch.dtype, device) -> "KVCache":
+        # zeros, not empty: unwritten slots are masked out, but 0 * NaN garbage would still be NaN
+        return cls(torch.zeros(B, nh, T, hs, dtype=dtype, device=device), torch.zeros(B, nh, T, hs, dtype=dtype, device=device))
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # input_pos: (T,), k/v: (B, nh, T, hs)
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        self.k, self.v = reorder_rows(self.k, index), reorder_rows(self.v, index)
+
+
+def reorder_rows(t: Tensor, index: Tensor) -> Tensor:
+    """t[index] along dim 0; written back in place when the batch size is unchanged, so buffers
+    keep their addresses from step to step (what CUDA graphs need)."""
+    out = t.index_select(0, index)
+    if out.shape == t.shape:
+        return t.copy_(out)
+    return out
+
+
+class LMSession:
+    """Incremental decoding of one batch. Subclasses fill `caches` and name their other per-row
+    tensors in `_rows` so that reorder() moves everything together."""
+
+    _rows: tuple[str, ...] = ()
+
+    def __init__(self, capacity: int, device):
+        self.caches: list[KVCache] = []
+        self.capacity = capacity  # positions the self-attention caches hold
+        self.t = 0  # positions written so far (host int: no sync to read it)
+        self._arange = torch.arange(capacity, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.caches[0].k.shape[0]
+
+    def prefill(self) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reorder(self, index: Tensor) -> None:
+        index = index.to(self.caches[0].k.device)
+        for c in self.caches:
+            c.reorder(index)
+        for name in self._rows:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, reorder_rows(t, index))
+
+    def _advance(self, n: int) -> Tensor:
+        """Reserve the next n positions; returns them as (n,) long (a view, no allocation)."""
+        if self.t + n > self.capacity:
+            raise RuntimeError(
+                f"KV cache full: {self.t} positions used, {n} more asked, capacity {self.capacity}; "
+                "start() the session with a larger max_new_tokens"
+            )
+        pos = self._arange[self.t : self.t + n]
+        self.t += n
+        return pos

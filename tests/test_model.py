@@ -1,0 +1,210 @@
+"""Blip2Model / Blip2ForConditionalGeneration against transformers 5.8.0: forward outputs, loss,
+features, and generated token ids (greedy, beam, sampling), for OPT and Flan-T5."""
+
+import pytest
+import torch
+
+import blip2
+
+import hf_tiny
+
+Q = 4  # query tokens in the tiny configs
+
+
+def _ckpt(tmp_path_factory, cls, text, **over):
+    """transformers writes the checkpoint; we load it. OPT with word_embed_proj_dim == hidden (as
+    every BLIP-2 OPT is); Flan-T5 with its own untied lm_head stored in the file, as on the hub."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp(f"{cls}-{text}")
+    if text == "opt":
+        over.setdefault("text_config", dict(word_embed_proj_dim=hf_tiny.OPT["hidden_size"]))
+    hf = hf_tiny.save_hf(cls, hf_tiny.blip2_config(text, **over), d)
+    if text == "t5":
+        sd = load_file(str(d / "model.safetensors"))
+        w = sd["language_model.shared.weight"]
+        g = torch.Generator().manual_seed(7)
+        sd["language_model.lm_head.weight"] = torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        hf = getattr(transformers, cls).from_pretrained(str(d)).eval()
+        lm = hf.language_model
+        assert lm.lm_head.weight.data_ptr() != lm.shared.weight.data_ptr()  # the oracle is untied too
+    ours = getattr(blip2, cls).from_pretrained(d)
+    return hf, ours, d
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def gen_pair(request, tmp_path_factory):
+    return _ckpt(tmp_path_factory, "Blip2ForConditionalGeneration", request.param)
+
+
+@pytest.fixture(scope="module")
+def model_pair(tmp_path_factory):
+    return _ckpt(tmp_path_factory, "Blip2Model", "opt")
+
+
+def _prompt(config, B=2, T=5, left_pad=(0, 2), seed=0):
+    """[image]*Q + text ids with left padding (what Blip2Processor gives a decoder-only LM)."""
+    g = torch.Generator().manual_seed(seed)
+    V = config.text_config.vocab_size
+    img = config.image_token_index
+    pad = config.text_config.pad_token_id
+    text = torch.randint(3, V - 2, (B, T), generator=g)
+    ids = torch.cat([torch.full((B, Q), img), text], 1)
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(left_pad[:B]):
+        # the reference processor puts pads between the image tokens and the text
+        ids[b, Q : Q + n] = pad
+        mask[b, Q : Q + n] = 0
+    return ids, mask
+
+
+def _pixels(B=2, size=30, seed=1):
+    return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_forward_logits_and_parts(gen_pair):
+    hf, ours, _ = gen_pair
+    px = _pixels()
+    ids, mask = _prompt(hf.config)
+    kw = dict(pixel_values=px, input_ids=ids, attention_mask=mask)
+    if not hf.config.use_decoder_only_language_model:
+        kw["decoder_input_ids"] = torch.tensor([[0, 5, 9], [0, 7, 3]])
+    a, b = ours(**kw), hf(**kw)
+    hf_tiny.assert_close(a.logits, b.logits, what="logits")
+    hf_tiny.assert_close(a.vision_outputs.last_hidden_state, b.vision_outputs.last_hidden_state, what="vision")
+    hf_tiny.assert_close(a.qformer_outputs.last_hidden_state, b.qformer_outputs.last_hidden_state, what="qformer")
+    hf_tiny.assert_close(
+        a.language_model_outputs.logits, b.language_model_outputs.logits, what="language_model_outputs"
+    )
+
+
+@torch.no_grad()
+def test_loss_with_labels(gen_pair):
+    hf, ours, _ = gen_pair
+    px = _pixels()
+    ids, mask = _prompt(hf.config, left_pad=(0, 0))
+    if hf.config.use_decoder_only_language_model:
+        labels = ids[:, Q:].clone()
+        labels[:, :2] = -100  # prompt part ignored
+        kw = dict(labels=labels)
+    else:
+        labels = torch.tensor([[5, 9, 1], [7, -100, -100]])
+        kw = dict(labels=labels)
+    a = ours(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+    b = hf(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+    hf_tiny.assert_close(a.loss, b.loss, what="loss")
+    hf_tiny.assert_close(a.logits, b.logits, what="logits")
+
+
+@torch.no_grad()
+def test_image_features_of_generation_model(gen_pair):
+    hf, ours, _ = gen_pair
+    px = _pixels(size=42)
+    a = ours.get_image_features(px, interpolate_pos_encoding=True)
+    b = hf.get_image_features(px, interpolate_pos_encoding=True)
+    hf_tiny.assert_close(a.pooler_output, b.pooler_output, what="projected queries")
+    hf_tiny.assert_close(a.last_hidden_state, b.last_hidden_state, what="vision")
+
+
+def _gen_cases(decoder_only):
+    cases = [
+        dict(),  # defaults from the generation config
+        dict(max_new_tokens=7),
+        dict(max_new_tokens=6, num_beams=3),
+        dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, length_penalty=0.6),
+        dict(max_new_tokens=8, repetition_penalty=1.7, no_repeat_ngram_size=2),
+        dict(max_new_tokens=5, min_new_tokens=3, num_beams=2, early_stopping=True),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("with_prompt", [False, True])
+@torch.no_grad()
+def test_generate_same_tokens(gen_pair, case, with_prompt):
+    hf, ours, _ = gen_pair
+    kw = _gen_cases(hf.config.use_decoder_only_language_model)[case]
+    px = _pixels()
+    inputs = dict(pixel_values=px)
+    if with_prompt:
+        ids, mask = _prompt(hf.config)
+        inputs.update(input_ids=ids, attention_mask=mask)
+    a = ours.generate(**inputs, **kw)
+    b = hf.generate(**inputs, **kw)
+    assert a.tolist() == b.tolist()
+
+
+@torch.no_grad()
+def test_generate_sampling_seeded(gen_pair):
+    hf, ours, _ = gen_pair
+    px = _pixels()
+    kw = dict(do_sample=True, max_new_tokens=6, temperature=0.8, top_k=20, top_p=0.9, num_return_sequences=2)
+    torch.manual_seed(123)
+    a = ours.generate(pixel_values=px, **kw)
+    torch.manual_seed(123)
+    b = hf.generate(pixel_values=px, **kw)
+    assert a.tolist() == b.tolist()
+
+
+@torch.no_grad()
+def test_eos_stops_and_pads(gen_pair):
+    """Make EOS a token the model actually produces, so stopping and padding are exercised."""
+    hf, ours, _ = gen_pair
+    px = _pixels()
+    first = hf.generate(pixel_values=px, max_new_tokens=6)
+    eos = int(first[0, -3])
+    kw = dict(max_new_tokens=6, eos_token_id=eos)
+    assert ours.generate(pixel_values=px, **kw).tolist() == hf.generate(pixel_values=px, **kw).tolist()
+    kw["num_beams"] = 2
+    assert ours.generate(pixel_values=px, **kw).tolist() == hf.generate(pixel_values=px, **kw).tolist()
+
+
+@torch.no_grad()
+def test_blip2model_features(model_pair):
+    hf, ours, _ = model_pair
+    px = _pixels()
+    ids, mask = _prompt(hf.config)
+    hf_tiny.assert_close(ours(pixel_values=px, input_ids=ids, attention_mask=mask).logits,
+                         hf(pixel_values=px, input_ids=ids, attention_mask=mask).logits, what="logits")
+    hf_tiny.assert_close(ours.get_qformer_features(px), hf.get_qformer_features(px), what="qformer features")
+    hf_tiny.assert_close(ours.get_image_features(px).last_hidden_state,
+                         hf.get_image_features(px).last_hidden_state, what="image features")
+    text = ids[:, Q:]
+    tm = mask[:, Q:]
+    hf_tiny.assert_close(ours.get_text_features(text, attention_mask=tm).last_hidden_state,
+                         hf.get_text_features(text, attention_mask=tm).last_hidden_state, what="text features")
+
+
+@torch.no_grad()
+def test_bf16_close(gen_pair):
+    hf, _, d = gen_pair
+    ours = blip2.Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16)
+    assert ours.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    px = _pixels()
+    ids, mask = _prompt(hf.config)
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if not hf.config.use_decoder_only_language_model:
+        kw["decoder_input_ids"] = torch.tensor([[0, 5, 9], [0, 7, 3]])
+    a = ours(pixel_values=px.bfloat16(), **kw).logits.float()
+    b = hf(pixel_values=px, **kw).logits
+    rel = (a - b).abs().max() / b.abs().max()
+    assert rel < 0.1, rel
+
+
+def test_fp16_keeps_qformer_in_fp32(tmp_path):
+    hf_tiny.save_hf("Blip2ForConditionalGeneration", hf_tiny.blip2_config("opt"), tmp_path)
+    m = blip2.Blip2ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16)
+    assert m.query_tokens.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in m.qformer.parameters())
+    assert m.language_projection.weight.dtype == torch.float16
+    assert m.vision_model.post_layernorm.weight.dtype == torch.float16
+
+
+def test_placeholder_count_mismatch_is_explained(gen_pair):
+    hf, ours, _ = gen_pair
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="placeholders"):
+        ours(pixel_values=_pixels(1), input_ids=ids)
