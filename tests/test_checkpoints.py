@@ -163,3 +163,10 @@ def test_full_size_builds_on_meta_without_memory():
     assert n_vis == sum(p.numel() for p in h_vis.parameters())
     assert qf.num_parameters() == sum(p.numel() for p in h_qf.parameters())
     assert ret.num_parameters() == sum(p.numel() for p in h_ret.parameters())
+
+
+def test_device_map_and_bitsandbytes_flags(vision_ckpt):
+    m = blip2.Blip2VisionModel.from_pretrained(vision_ckpt[0], device_map={"": "cpu"})
+    assert m.device.type == "cpu"
+    with pytest.raises(NotImplementedError, match="bitsandbytes"):
+        blip2.Blip2VisionModel.from_pretrained(vision_ckpt[0], load_in_8bit=True)

@@ -208,3 +208,49 @@ def test_placeholder_count_mismatch_is_explained(gen_pair):
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="placeholders"):
         ours(pixel_values=_pixels(1), input_ids=ids)
+
+
+class _Uncached:
+    """An LMSession that recomputes the whole forward every step: the reference for the cache."""
+
+    def __init__(self, lm, embeds, mask, decoder_only, start_id):
+        self.lm, self.e, self.m, self.dec_only = lm, embeds, mask, decoder_only
+        self.dec = torch.full((embeds.shape[0], 1), start_id or 0, dtype=torch.long)
+
+    @property
+    def batch_size(self):
+        return self.e.shape[0]
+
+    def _logits(self):
+        if self.dec_only:
+            return self.lm(inputs_embeds=self.e, attention_mask=self.m).logits[:, -1]
+        return self.lm(inputs_embeds=self.e, attention_mask=self.m, decoder_input_ids=self.dec).logits[:, -1]
+
+    def prefill(self):
+        return self._logits()
+
+    def step(self, tokens):
+        if self.dec_only:
+            self.e = torch.cat([self.e, self.lm.get_input_embeddings()(tokens)[:, None]], 1)
+            self.m = torch.cat([self.m, torch.ones_like(self.m[:, :1])], 1)
+        else:
+            self.dec = torch.cat([self.dec, tokens[:, None]], 1)
+        return self._logits()
+
+    def reorder(self, index):
+        self.e, self.m, self.dec = self.e[index], self.m[index], self.dec[index]
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=8), dict(max_new_tokens=6, num_beams=3, num_return_sequences=2)])
+@torch.no_grad()
+def test_cached_equals_uncached_decoding(gen_pair, kw, monkeypatch):
+    _, ours, _ = gen_pair
+    px = _pixels()
+    ids, mask = _prompt(ours.config)
+    cached = ours.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+    tc = ours.config.text_config
+    dec_only = ours.config.use_decoder_only_language_model
+    monkeypatch.setattr(ours.language_model, "start",
+                        lambda e, m, n: _Uncached(ours.language_model, e, m, dec_only, tc.decoder_start_token_id))
+    uncached = ours.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+    assert cached.tolist() == uncached.tolist()

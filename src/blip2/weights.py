@@ -255,8 +255,14 @@ class PreTrainedModel(nn.Module):
         """
         if dtype is None:
             dtype = torch_dtype
-        if device is None and isinstance(device_map, (str, torch.device)) and device_map != "auto":
-            device = device_map
+        for flag in ("load_in_8bit", "load_in_4bit", "quantization_config"):
+            if config_overrides.pop(flag, None):
+                raise NotImplementedError(
+                    f"{flag}: bitsandbytes quantization is not supported by blip2; load with "
+                    "dtype=torch.bfloat16 (or float16 on a GPU) instead"
+                )
+        if device is None and device_map is not None:
+            device = _device_from_map(device_map)
         d = resolve_dir(str(pretrained_model_name_or_path))
         if config is None:
             if not (d / CONFIG_NAME).exists():
@@ -400,6 +406,20 @@ class PreTrainedModel(nn.Module):
                 total += v.numel() * v.element_size()
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (d / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _device_from_map(device_map) -> torch.device | None:
+    """One device for the whole model: "cpu", "cuda:0", 0, {"": 0} or "auto" (CUDA if present)."""
+    if isinstance(device_map, dict):
+        devs = set(device_map.values())
+        if len(devs) != 1:
+            raise NotImplementedError(f"device_map {device_map}: blip2 places the whole model on one device")
+        device_map = devs.pop()
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
 
 
 def _first_float_dtype(reader: _Reader) -> torch.dtype:
