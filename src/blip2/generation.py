@@ -9,7 +9,7 @@ The language model is only seen through the `LMSession` protocol, so the loop is
 decoder-only LM (OPT, prompt given as embeddings) and an encoder-decoder one (T5):
 
     cfg, unused = prepare_generation_config(gen_cfg, model_gen_cfg, prompt_len=T0, ...)
-    session = lm.start(..., max_new_tokens=cfg.max_length - T0)
+    session = lm.start(..., max_new_tokens=cfg.max_length - T0)   # step() is called < that many times
     out = decode(session, input_ids, cfg)
 
 or in one call `generate(session, input_ids, gen_cfg, model_generation_config=..., **kwargs)`.
@@ -210,9 +210,8 @@ class GenerationConfig:
         for k in list(vars(cfg)):
             if k in text and getattr(cfg, k) is None:
                 setattr(cfg, k, text[k])
-        if not cfg.return_dict_in_generate and any(
-            getattr(cfg, f, False) for f in ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
-        ):
+        flags = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
+        if not cfg.return_dict_in_generate and any(getattr(cfg, f, False) for f in flags):
             cfg.return_dict_in_generate = True
         return cfg
 
@@ -304,6 +303,10 @@ def generate(
         inputs_embeds_len = Te. The output is then only the new tokens.
       - encoder-decoder (BLIP-2 T5, encoder fed inputs_embeds): input_ids = (B, 1) filled with
         decoder_start_token_id (falling back to bos_token_id), inputs_embeds_len = None.
+    model_generation_config: the LM's defaults (special tokens ...). transformers 5.8's Blip2
+      generate calls `language_model.generate`, whose config is
+      `GenerationConfig.from_model_config(config.text_config)`: the checkpoint's
+      generation_config.json is not consulted there.
     max_position_embeddings: the LM config's value (OPT: config.max_position_embeddings, T5: None).
     session: primed with B rows; it is expanded to B*k rows with `reorder` after prefill
       (k = num_beams for beam search, num_return_sequences for sampling).
@@ -540,7 +543,7 @@ def _beam_search(session: LMSession, input_ids: Tensor, cfg: GenerationConfig, p
     run[:, :, :T0] = input_ids[:, None, :]
     fin = run.clone()
     run_score = torch.zeros((B, nb), dtype=torch.float32, device=dev)
-    run_score[:, 1:] = -1e8  # only beam 0 is real at the start: no duplicate continuations
+    run_score[:, 1:] = -1e9  # only beam 0 is real at the start: no duplicate continuations
     fin_score = torch.full((B, nb), -1e9, dtype=torch.float32, device=dev)
     fin_done = torch.zeros((B, nb), dtype=torch.bool, device=dev)
     fin_len = torch.zeros((B, nb), dtype=torch.long, device=dev)  # generated tokens per finished hyp

@@ -292,19 +292,21 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         """
         B = embeds.shape[0]
         tc = self.config.text_config
-        if self.config.use_decoder_only_language_model:
+        dec_only = self.config.use_decoder_only_language_model
+        if dec_only:
             history = input_ids if input_ids is not None else embeds.new_zeros((B, 0), dtype=torch.long)
-            embeds_len, max_pos = embeds.shape[1], tc.max_position_embeddings
-        else:
-            start = tc.decoder_start_token_id if tc.decoder_start_token_id is not None else tc.bos_token_id
-            history = torch.full((B, 1), start, dtype=torch.long, device=embeds.device)
-            embeds_len, max_pos = None, None
         cfg, unused = prepare_generation_config(
-            generation_config, self.generation_config, prompt_len=history.shape[1],
-            inputs_embeds_len=embeds_len, max_position_embeddings=max_pos, **kwargs,
+            generation_config, self.generation_config,
+            prompt_len=history.shape[1] if dec_only else 1,  # T5: the decoder start token
+            inputs_embeds_len=embeds.shape[1] if dec_only else None,
+            max_position_embeddings=tc.max_position_embeddings if dec_only else None,
+            **kwargs,
         )
         if unused:
             raise TypeError(f"generate() got arguments that are not generation parameters: {sorted(unused)}")
+        if not dec_only:
+            start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.bos_token_id
+            history = torch.full((B, 1), start, dtype=torch.long, device=embeds.device)
         max_new = max(cfg.max_length - history.shape[1], 0)
         session = self.language_model.start(embeds, attention_mask, max_new)
         return decode(session, history, cfg)
