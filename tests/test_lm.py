@@ -17,7 +17,13 @@ from blip2.lm import build_language_model
 from blip2.opt import OPTForCausalLM
 from blip2.t5 import T5ForConditionalGeneration
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    # every test here is inference-only; scoped so other test files keep autograd
+    with torch.no_grad():
+        yield
 
 OPT_VARIANTS = {
     "proj_prenorm": {},  # word_embed_proj_dim 24 != hidden 32: project_in/out (opt-350m shape, pre-norm)

@@ -254,3 +254,20 @@ def test_cached_equals_uncached_decoding(gen_pair, kw, monkeypatch):
                         lambda e, m, n: _Uncached(ours.language_model, e, m, dec_only, tc.decoder_start_token_id))
     uncached = ours.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
     assert cached.tolist() == uncached.tolist()
+
+
+def test_opt_checkpoint_with_stored_lm_head(tmp_path):
+    """Published OPT BLIP-2 files store lm_head.weight (a copy of the tied embeddings): accepted, tied."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = hf_tiny.blip2_config("opt", text_config=dict(word_embed_proj_dim=hf_tiny.OPT["hidden_size"]))
+    hf = hf_tiny.save_hf("Blip2ForConditionalGeneration", cfg, tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    assert "language_model.lm_head.weight" not in sd
+    sd["language_model.lm_head.weight"] = sd["language_model.model.decoder.embed_tokens.weight"].clone()
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    m = blip2.Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert m.language_model.lm_head.weight is m.language_model.get_input_embeddings().weight
+    px = _pixels()
+    with torch.no_grad():
+        assert m.generate(pixel_values=px, max_new_tokens=5).tolist() == hf.generate(pixel_values=px, max_new_tokens=5).tolist()
