@@ -21,6 +21,7 @@ from torch import nn
 from .config import Blip2Config
 from .generation import GenerationConfig, decode, prepare_generation_config
 from .lm import build_language_model
+from .ops import Linear
 from .outputs import (
     BaseModelOutputWithPooling,
     BaseModelOutputWithVisionQformerOutputs,
@@ -43,7 +44,7 @@ class _Blip2WithLM(PreTrainedModel):
         self.vision_model = Blip2VisionModel(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qc.hidden_size))
         self.qformer = Blip2QFormerModel(qc)
-        self.language_projection = nn.Linear(qc.hidden_size, config.text_config.hidden_size)
+        self.language_projection = Linear(qc.hidden_size, config.text_config.hidden_size)
         self.language_model = build_language_model(config.text_config)
         self.generation_config = GenerationConfig.from_model_config(config.text_config)
         # The language model's own fp32 islands (T5's `wo` under fp16) hold inside BLIP-2 too.

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .config import OPTConfig
 from .lm import KVCache, LMSession, activation, attend, causal_lm_loss, causal_mask
+from .ops import Linear
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from .weights import PreTrainedModel
 
@@ -29,10 +30,10 @@ class OPTAttention(nn.Module):
         if self.hs * self.nh != E:
             raise ValueError(f"hidden_size {E} is not a multiple of num_attention_heads {self.nh}")
         self.dropout = c.attention_dropout
-        self.q_proj = nn.Linear(E, E, bias=b)
-        self.k_proj = nn.Linear(E, E, bias=b)
-        self.v_proj = nn.Linear(E, E, bias=b)
-        self.out_proj = nn.Linear(E, E, bias=b)
+        self.q_proj = Linear(E, E, bias=b)
+        self.k_proj = Linear(E, E, bias=b)
+        self.v_proj = Linear(E, E, bias=b)
+        self.out_proj = Linear(E, E, bias=b)
 
     def forward(self, x, mask=None, cache=None, input_pos=None, need_weights=False):
         B, T, E = x.shape
@@ -56,8 +57,8 @@ class OPTDecoderLayer(nn.Module):
         self.act = activation(c.activation_function)
         self.self_attn = OPTAttention(c)
         self.self_attn_layer_norm = nn.LayerNorm(E, elementwise_affine=aff)
-        self.fc1 = nn.Linear(E, c.ffn_dim, bias=c.enable_bias)
-        self.fc2 = nn.Linear(c.ffn_dim, E, bias=c.enable_bias)
+        self.fc1 = Linear(E, c.ffn_dim, bias=c.enable_bias)
+        self.fc2 = Linear(c.ffn_dim, E, bias=c.enable_bias)
         self.final_layer_norm = nn.LayerNorm(E, elementwise_affine=aff)
 
     def forward(self, x, mask=None, cache=None, input_pos=None, need_weights=False):
@@ -99,8 +100,8 @@ class OPTDecoder(nn.Module):
         self.layerdrop = c.layerdrop
         self.embed_tokens = nn.Embedding(c.vocab_size, Ew, c.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(c.max_position_embeddings, E)
-        self.project_out = nn.Linear(E, Ew, bias=False) if Ew != E else None
-        self.project_in = nn.Linear(Ew, E, bias=False) if Ew != E else None
+        self.project_out = Linear(E, Ew, bias=False) if Ew != E else None
+        self.project_in = Linear(Ew, E, bias=False) if Ew != E else None
         keep_final = c.do_layer_norm_before and not c._remove_final_layer_norm
         self.final_layer_norm = nn.LayerNorm(E, elementwise_affine=c.layer_norm_elementwise_affine) if keep_final else None
         self.layers = nn.ModuleList(OPTDecoderLayer(c) for _ in range(c.num_hidden_layers))
@@ -165,7 +166,7 @@ class OPTForCausalLM(PreTrainedModel):
     def __init__(self, config: OPTConfig):
         super().__init__(config)
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.post_init()
 
     def tied_weights(self) -> dict[str, str]:

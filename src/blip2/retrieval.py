@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config
+from .ops import Linear
 from .outputs import Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .vision import Blip2VisionModel
@@ -72,9 +73,9 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1):
         self.query_tokens = self._new_queries()
         self.embeddings = Blip2TextEmbeddings(qc)
         self.qformer = Blip2QFormerModel(qc)
-        self.vision_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
-        self.text_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
-        self.itm_head = nn.Linear(qc.hidden_size, 2)
+        self.vision_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.text_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.itm_head = Linear(qc.hidden_size, 2)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -177,7 +178,7 @@ class Blip2TextModelWithProjection(_Blip2Stage1):
         self.query_tokens = self._new_queries()  # unused by the text path; kept so checkpoints match
         self.embeddings = Blip2TextEmbeddings(qc)
         self.qformer = Blip2QFormerModel(qc)
-        self.text_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.text_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -226,7 +227,7 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
         self.vision_model = Blip2VisionModel(config.vision_config)
         self.query_tokens = self._new_queries()
         self.qformer = Blip2QFormerModel(qc)
-        self.vision_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.vision_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .config import T5Config
 from .lm import KVCache, LMSession, activation, additive, attend
+from .ops import Linear
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqLMOutput
 from .weights import PreTrainedModel
 
@@ -76,10 +77,10 @@ class T5Attention(nn.Module):
         self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
         self.dropout = c.dropout_rate
         inner = self.nh * self.hs
-        self.q = nn.Linear(c.d_model, inner, bias=False)
-        self.k = nn.Linear(c.d_model, inner, bias=False)
-        self.v = nn.Linear(c.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, c.d_model, bias=False)
+        self.q = Linear(c.d_model, inner, bias=False)
+        self.k = Linear(c.d_model, inner, bias=False)
+        self.v = Linear(c.d_model, inner, bias=False)
+        self.o = Linear(inner, c.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(self.num_buckets, self.nh)
 
@@ -145,11 +146,11 @@ class T5DenseReluDense(nn.Module):
         super().__init__()
         self.gated = c.is_gated_act
         if self.gated:
-            self.wi_0 = nn.Linear(c.d_model, c.d_ff, bias=False)
-            self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False)
+            self.wi_0 = Linear(c.d_model, c.d_ff, bias=False)
+            self.wi_1 = Linear(c.d_model, c.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(c.d_model, c.d_ff, bias=False)
-        self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+            self.wi = Linear(c.d_model, c.d_ff, bias=False)
+        self.wo = Linear(c.d_ff, c.d_model, bias=False)
         self.act = activation(c.dense_act_fn)
         self.dropout = c.dropout_rate
 
@@ -290,7 +291,7 @@ class T5ForConditionalGeneration(PreTrainedModel):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
 
     # --- weights ---

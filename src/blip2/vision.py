@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2VisionConfig
+from .ops import Linear
 from .outputs import BaseModelOutputWithPooling
 from .weights import PreTrainedModel
 
@@ -87,8 +88,8 @@ class Blip2Attention(nn.Module):
             raise ValueError(f"hidden_size {C} is not a multiple of num_attention_heads {nh}")
         self.n_head, self.head_dim = nh, C // nh
         self.dropout = config.attention_dropout
-        self.qkv = nn.Linear(C, 3 * C, bias=config.qkv_bias)
-        self.projection = nn.Linear(C, C)
+        self.qkv = Linear(C, 3 * C, bias=config.qkv_bias)
+        self.projection = Linear(C, C)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         B, T, C = x.shape
@@ -109,8 +110,8 @@ class Blip2MLP(nn.Module):
     def __init__(self, config: Blip2VisionConfig):
         super().__init__()
         self.act = activation(config.hidden_act)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

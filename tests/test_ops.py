@@ -1,0 +1,34 @@
+"""ops.Linear: the fp32 path for bf16 inputs on CPUs without native bf16 gives the bf16 answer."""
+
+import pytest
+import torch
+
+import blip2.ops as ops
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 300])
+def test_upcast_path_matches_bf16_linear(rows, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    lin = ops.Linear(96, 80).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(80, 96, generator=g) / 96**0.5)
+        lin.bias.copy_(torch.randn(80, generator=g) * 0.1)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+
+    monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: False)
+    slow_cpu = lin(x)
+    monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: True)
+    native = lin(x)
+    assert slow_cpu.dtype == native.dtype == torch.bfloat16
+    # both are the exact result rounded to bf16 (at most one ulp apart from each other)
+    for y in (slow_cpu, native):
+        assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()
+    if rows < ops.UPCAST_MIN_ROWS:
+        assert torch.equal(slow_cpu, native)  # few rows: the bf16 kernel runs either way
+
+
+def test_fp32_inputs_untouched():
+    lin = ops.Linear(8, 4)
+    x = torch.randn(100, 8)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
