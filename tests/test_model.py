@@ -271,3 +271,21 @@ def test_opt_checkpoint_with_stored_lm_head(tmp_path):
     px = _pixels()
     with torch.no_grad():
         assert m.generate(pixel_values=px, max_new_tokens=5).tolist() == hf.generate(pixel_values=px, max_new_tokens=5).tolist()
+
+
+@torch.no_grad()
+def test_our_save_loads_in_transformers(gen_pair, tmp_path):
+    import transformers
+
+    _, ours, _ = gen_pair
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "generation_config.json").exists()
+    back = transformers.Blip2ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    px = _pixels()
+    ids, mask = _prompt(ours.config)
+    kw = dict(pixel_values=px, input_ids=ids, attention_mask=mask)
+    if not ours.config.use_decoder_only_language_model:
+        kw["decoder_input_ids"] = torch.tensor([[0, 5, 9], [0, 7, 3]])
+    hf_tiny.assert_close(ours(**kw).logits, back(**kw).logits, what="reloaded by transformers")
+    again = blip2.Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert again.generate(pixel_values=px, max_new_tokens=5).tolist() == ours.generate(pixel_values=px, max_new_tokens=5).tolist()
