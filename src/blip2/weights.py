@@ -246,12 +246,15 @@ class PreTrainedModel(nn.Module):
         config: PretrainedConfig | None = None,
         torch_dtype: torch.dtype | str | None = None,
         device_map: Any = None,
+        quantize: str | None = None,
         **config_overrides,
     ):
         """Load a checkpoint directory or hub id written in the Hugging Face layout.
 
         dtype: None or "auto" keeps the checkpoint's dtype (the config's `dtype` if set);
         a torch dtype (or its name) casts floating weights to it. device: where the weights go.
+        quantize: "int8" / "int4" (/ "int4-64", "int4-128": group size) weight-only for the
+        language model's linear layers (see quantize.py); a checkpoint saved quantized reloads as such.
         """
         if dtype is None:
             dtype = torch_dtype
@@ -280,7 +283,13 @@ class PreTrainedModel(nn.Module):
 
         with torch.device("meta"):
             model = cls(config)
-        model._load_from(reader, d, dtype, device)
+        lm_cfg = getattr(getattr(model, "language_model", None), "config", None)
+        if quantize is not None or getattr(lm_cfg, "quantization", None):
+            from .quantize import load_and_quantize
+
+            load_and_quantize(model, reader, d, dtype, device, quantize)
+        else:
+            model._load_from(reader, d, dtype, device)
         model.eval()
         return model
 
