@@ -191,7 +191,8 @@ def _measure(spec: dict, r: dict) -> None:
 
     r["stage"] = "load"
     t = time.perf_counter()
-    model = Model.from_pretrained(spec["ckpt"], dtype=dtype)
+    q = spec.get("quantize") if spec["impl"] == "blip2" else None
+    model = Model.from_pretrained(spec["ckpt"], dtype=dtype, **({"quantize": q} if q else {}))
     model.eval()
     r["load_s"] = time.perf_counter() - t
     r["rss_after_load_gib"] = rss_gib()
@@ -224,7 +225,7 @@ def _measure(spec: dict, r: dict) -> None:
 
 def run_child(impl: str, args, ckpt: Path) -> dict:
     spec = dict(impl=impl, ckpt=str(ckpt), dtype=args.dtype, threads=args.threads, warmup=args.warmup,
-                new_tokens=args.new_tokens, batch=args.batch)
+                new_tokens=args.new_tokens, batch=args.batch, quantize=args.quantize)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -316,6 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed batch-1 generate calls before timing")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: cores)")
     ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
+    ap.add_argument("--quantize", choices=("int8", "int4", "int4-64", "int4-128"), default=None,
+                    help="blip2 side only: weight-only quantized language model (transformers stays at --dtype)")
     ap.add_argument("--build-only", action="store_true", help="build (or check) the checkpoint and stop")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")

@@ -44,3 +44,15 @@ class Linear(nn.Linear):
             b = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), b).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves its table uninitialised at construction.
+
+    Models are built on the meta device and then loaded, or initialised once by post_init; the
+    default random init would only be thrown away, and on the meta device torch's `normal_`
+    imports torch._dynamo (about 1.5 s on the first model of a process).
+    """
+
+    def reset_parameters(self) -> None:
+        pass

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import OPTConfig
 from .lm import KVCache, LMSession, activation, attend, causal_lm_loss, causal_mask
-from .ops import Linear
+from .ops import Embedding, Linear
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from .weights import PreTrainedModel
 
@@ -75,7 +75,7 @@ class OPTDecoderLayer(nn.Module):
         return x, w
 
 
-class OPTLearnedPositionalEmbedding(nn.Embedding):
+class OPTLearnedPositionalEmbedding(Embedding):
     """Learned positions; rows 0 and 1 are reserved (fairseq's padding offset), so position p is row p + 2."""
 
     offset = 2
@@ -98,7 +98,7 @@ class OPTDecoder(nn.Module):
         super().__init__()
         E, Ew = c.hidden_size, c.word_embed_proj_dim
         self.layerdrop = c.layerdrop
-        self.embed_tokens = nn.Embedding(c.vocab_size, Ew, c.pad_token_id)
+        self.embed_tokens = Embedding(c.vocab_size, Ew, c.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(c.max_position_embeddings, E)
         self.project_out = Linear(E, Ew, bias=False) if Ew != E else None
         self.project_in = Linear(Ew, E, bias=False) if Ew != E else None

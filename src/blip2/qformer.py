@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2QFormerConfig
-from .ops import Linear
+from .ops import Embedding, Linear
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from .vision import activation
 from .weights import PreTrainedModel
@@ -147,8 +147,8 @@ class Blip2TextEmbeddings(nn.Module):
 
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(
         self,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .config import T5Config
 from .lm import KVCache, LMSession, activation, additive, attend
-from .ops import Linear
+from .ops import Embedding, Linear
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqLMOutput
 from .weights import PreTrainedModel
 
@@ -82,7 +82,7 @@ class T5Attention(nn.Module):
         self.v = Linear(c.d_model, inner, bias=False)
         self.o = Linear(inner, c.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(self.num_buckets, self.nh)
+            self.relative_attention_bias = Embedding(self.num_buckets, self.nh)
 
     def compute_bias(self, T: int, S: int, q_offset: int = 0, device=None) -> Tensor:
         """(1, nh, T, S) bias for queries at q_offset.. and keys at 0..S-1."""
@@ -206,7 +206,7 @@ class T5Stack(nn.Module):
         super().__init__()
         self.is_decoder = is_decoder
         n = c.num_decoder_layers if is_decoder else c.num_layers
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)  # tied to `shared`
+        self.embed_tokens = Embedding(c.vocab_size, c.d_model)  # tied to `shared`
         self.block = nn.ModuleList(T5Block(c, i == 0, is_decoder) for i in range(n))
         self.final_layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
         self.dropout = c.dropout_rate
@@ -288,7 +288,7 @@ class T5ForConditionalGeneration(PreTrainedModel):
         # A config that says "untied" (Flan-T5) comes with its own lm_head.weight; fit_ties() corrects
         # this guess from a checkpoint's keys.
         self.tie_head = self.scale_output
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
