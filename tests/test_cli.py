@@ -81,8 +81,8 @@ def run(*args, env=None, cwd=None):
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=120)
 
 
-def _api_captions(d, paths, prompt=None, **kw):
-    m = Blip2ForConditionalGeneration.from_pretrained(d)
+def _api_captions(d, paths, prompt=None, quantize=None, **kw):
+    m = Blip2ForConditionalGeneration.from_pretrained(d, **({"quantize": quantize} if quantize else {}))
     p = Blip2Processor.from_pretrained(d)
     imgs = [load_image(str(x)) for x in paths]
     if prompt is None:
@@ -115,6 +115,14 @@ def test_caption_equals_api(ckpts, tmp_path):
     for i, p in enumerate(paths):
         expect += [f"{p}: {want[2 * i]}", f"    {want[2 * i + 1]}"]
     assert r.stdout.splitlines() == expect
+
+
+def test_caption_quantized_equals_api(ckpts, tmp_path):
+    paths = _images(tmp_path / "imgs", 2)
+    r = run("caption", *paths, "--model", ckpts / "opt", "--jsonl", "--max-new-tokens", 5, "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["text"] for x in recs] == _api_captions(ckpts / "opt", paths, quantize="int8", max_new_tokens=5)
 
 
 def test_ask_encodes_once_equals_api(ckpts, tmp_path):

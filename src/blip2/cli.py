@@ -240,7 +240,8 @@ def load(args, cls, with_processor: bool = True):
         from .processing import Blip2Processor
 
         proc = Blip2Processor.from_pretrained(d)
-    model = cls.from_pretrained(d, dtype=dtype, device=device)
+    q = getattr(args, "quantize", None)
+    model = cls.from_pretrained(d, dtype=dtype, device=device, **({"quantize": q} if q else {}))
     return model, proc, d
 
 
@@ -662,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights dtype (auto: float16 on CUDA, float32 on CPU)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: CUDA if present)")
         p.add_argument("--batch-size", type=int, default=batch, help="images per forward pass")
+        if default_model == DEFAULT_LM_MODEL:  # caption / ask: a language model to quantize
+            p.add_argument("--quantize", choices=["int8", "int4", "int4-64", "int4-128"],
+                           help="weight-only quantized language model (less memory, faster decoding on CPU)")
         g = p.add_mutually_exclusive_group()
         g.add_argument("--json", action="store_true", help="print a JSON array of records")
         g.add_argument("--jsonl", action="store_true", help="print one JSON record per line")
