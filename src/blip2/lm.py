@@ -21,8 +21,6 @@ Positions are host-side ints sliced from a preallocated arange, so a step does n
 from __future__ import annotations
 
 import importlib
-import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,30 +39,6 @@ def build_language_model(config) -> nn.Module:
         raise ValueError(f"no language model for model_type {mt!r}; supported: {sorted(LANGUAGE_MODELS)}")
     mod, cls = LANGUAGE_MODELS[mt]
     return getattr(importlib.import_module(mod), cls)(config)
-
-
-# --- activations, by the names config files use ---
-def gelu_new(x: Tensor) -> Tensor:
-    # the tanh approximation spelled out term by term, as the reference computes it (bit-for-bit)
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-ACT: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": gelu_new,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
-
-def activation(name: str) -> Callable[[Tensor], Tensor]:
-    if name not in ACT:
-        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(ACT)}")
-    return ACT[name]
 
 
 # --- attention ---

@@ -11,11 +11,38 @@ differs. Single-row decode steps are bandwidth-bound and stay in bf16, which rea
 from __future__ import annotations
 
 import functools
+import math
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# --- activations, by the names config files use ---
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # the tanh approximation spelled out term by term, as the reference computes it (bit-for-bit)
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACT:
+        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(ACT)}")
+    return ACT[name]
+
 
 UPCAST_MIN_ROWS = 64  # below this, bf16 GEMV-like work is bandwidth-bound and bf16 wins
 

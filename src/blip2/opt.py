@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import OPTConfig
-from .lm import KVCache, LMSession, activation, attend, causal_lm_loss, causal_mask
-from .ops import Embedding, Linear
+from .lm import KVCache, LMSession, attend, causal_lm_loss, causal_mask
+from .ops import Embedding, Linear, activation
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from .weights import PreTrainedModel
 

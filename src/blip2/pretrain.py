@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config, Blip2QFormerConfig
-from .ops import Linear
+from .ops import Linear, activation
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .retrieval import Blip2ForImageTextRetrieval, _Blip2Stage1
-from .vision import Blip2VisionModel, activation
+from .vision import Blip2VisionModel
 
 LABEL_SMOOTHING = 0.1
 TEMP_INIT, TEMP_MIN, TEMP_MAX = 0.07, 0.001, 0.5  # LAVIS clamps temp to [0.001, 0.5] every step

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2QFormerConfig
-from .ops import Embedding, Linear
+from .ops import Embedding, Linear, activation
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
-from .vision import activation
 from .weights import PreTrainedModel
 
 

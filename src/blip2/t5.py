@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import T5Config
-from .lm import KVCache, LMSession, activation, additive, attend
-from .ops import Embedding, Linear
+from .lm import KVCache, LMSession, additive, attend
+from .ops import Embedding, Linear, activation
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqLMOutput
 from .weights import PreTrainedModel
 

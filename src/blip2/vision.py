@@ -13,35 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2VisionConfig
-from .ops import Linear
+from .ops import Linear, activation
 from .outputs import BaseModelOutputWithPooling
 from .weights import PreTrainedModel
-
-
-def _gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")
-
-
-def _quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
-# The activations BLIP-2 configs name ("gelu" is the exact erf form).
-ACT = {
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "quick_gelu": _quick_gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
-
-def activation(name: str):
-    if name not in ACT:
-        raise ValueError(f"hidden_act {name!r} is not supported; use one of {sorted(ACT)}")
-    return ACT[name]
 
 
 class Blip2VisionEmbeddings(nn.Module):
