@@ -27,7 +27,7 @@ from .outputs import (
     BaseModelOutputWithVisionQformerOutputs,
     Blip2ForConditionalGenerationModelOutput,
 )
-from .qformer import Blip2QFormerModel
+from .qformer import Blip2QFormerModel, query_image
 from .vision import Blip2VisionModel
 from .weights import PreTrainedModel
 
@@ -95,15 +95,7 @@ class _Blip2WithLM(PreTrainedModel):
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **out_kw
         )
         image_embeds = vision_out.last_hidden_state  # (B, 1+P, Cv)
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        qformer_out = self.qformer(
-            query_embeds=queries,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask,
-            return_dict=True,
-            **out_kw,
-        )
+        qformer_out = query_image(self.qformer, self.query_tokens, image_embeds, **out_kw)
         q = qformer_out.last_hidden_state
         if q.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
             q = q.to(image_embeds.dtype)

@@ -254,3 +254,16 @@ class Blip2QFormerModel(PreTrainedModel):
             cross_attentions=tuple(xatts) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()
+
+
+def query_image(qformer: Blip2QFormerModel, query_tokens: torch.Tensor, image_embeds: torch.Tensor, **kw):
+    """The learned queries (1, Q, Cq) read the ViT output (B, T, Cv) through cross-attention:
+    the Q-Former output over the queries alone (every image token visible)."""
+    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    return qformer(
+        query_embeds=query_tokens.expand(image_embeds.shape[0], -1, -1),
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=mask,
+        return_dict=True,
+        **kw,
+    )

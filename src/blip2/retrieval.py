@@ -16,7 +16,7 @@ from torch import nn
 from .config import Blip2Config
 from .ops import Linear
 from .outputs import Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput
-from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
+from .qformer import Blip2QFormerModel, Blip2TextEmbeddings, query_image
 from .vision import Blip2VisionModel
 from .weights import PreTrainedModel
 
@@ -51,17 +51,7 @@ class _Blip2Stage1(PreTrainedModel):
         )
 
     def _query_image(self, image_embeds: torch.Tensor, **kw):
-        """The learned queries read the ViT output (B, T, Cv): Q-Former output over the queries."""
-        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(
-            query_embeds=queries,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=mask,
-            return_dict=True,
-            **kw,
-        )
-
+        return query_image(self.qformer, self.query_tokens, image_embeds, **kw)
 
 class Blip2ForImageTextRetrieval(_Blip2Stage1):
     main_input_name = "pixel_values"
