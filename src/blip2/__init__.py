@@ -12,3 +12,13 @@ from .vision import Blip2VisionModel
 from .weights import CheckpointError, PreTrainedModel
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # blip2.demo_checkpoint without importing the trainer on `import blip2` (and without the
+    # double import `python -m blip2.demo` would otherwise warn about)
+    if name == "demo_checkpoint":
+        from .demo import demo_checkpoint
+
+        return demo_checkpoint
+    raise AttributeError(f"module 'blip2' has no attribute {name!r}")

@@ -33,9 +33,14 @@ class UsageError(Exception):
     """A problem with the model or the command line: one line on stderr, exit 2."""
 
 
-def demo_dir() -> Path:
-    # The one place that knows where the shipped demo model lives (issue 4 will ship it).
-    raise UsageError("the demo model is not shipped yet; pass --model with a local checkpoint directory or a hub id")
+def demo_dir(kind: str = "captioning") -> Path:
+    """The shipped demo checkpoint: "captioning" for caption/ask/info, "retrieval" for match/embed."""
+    from .demo import demo_checkpoint
+
+    try:
+        return demo_checkpoint(kind)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -222,17 +227,21 @@ def pick_dtype(name: str, device):
     return as_dtype(name)
 
 
-def model_dir(name: str) -> Path:
+def model_dir(name: str, demo_kind: str = "captioning") -> Path:
     from .hub import resolve_dir
 
     if name == "demo":
-        return demo_dir()
+        return demo_dir(demo_kind)
     return resolve_dir(name)
+
+
+def args_model_dir(args) -> Path:
+    return model_dir(args.model, getattr(args, "demo_kind", "captioning"))
 
 
 def load(args, cls, with_processor: bool = True):
     """(model, processor, dir) for --model, on --device in --dtype."""
-    d = model_dir(args.model)
+    d = args_model_dir(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     proc = None
@@ -291,7 +300,7 @@ def cmd_caption(args) -> int:
 
     from .model import Blip2ForConditionalGeneration
 
-    model_dir(args.model)  # an unusable --model fails first, before any input is read
+    args_model_dir(args)  # an unusable --model fails first, before any input is read
     srcs, bad = expand_inputs(args.paths)
     sink = Sink(args, key=lambda r: r.get("path"), text=lambda r: f"{r['path']}: {r['text']}" + "".join(
         f"\n    {c}" for c in r.get("captions", [])[1:]))
@@ -350,7 +359,7 @@ def cmd_ask(args) -> int:
 
     if "{}" not in args.template:
         raise UsageError(f"--template {args.template!r} must contain {{}} where the question goes")
-    model_dir(args.model)
+    args_model_dir(args)
     sink = Sink(args, key=lambda r: (r.get("path"), r.get("question")),
                 text=lambda r: f"Q: {r['question']}\nA: {r['text']}")
     todo = [q for q in args.questions if (args.image, q) not in sink.done]
@@ -387,7 +396,7 @@ def cmd_match(args) -> int:
 
     from .retrieval import Blip2ForImageTextRetrieval
 
-    model_dir(args.model)
+    args_model_dir(args)
     srcs, bad = expand_inputs(args.images)
     rep = Report(len(srcs))
     for s, why in bad:
@@ -464,7 +473,7 @@ def cmd_embed(args) -> int:
         except ImportError:
             raise UsageError("--output .parquet needs pyarrow, which is not installed "
                              "(pip install pyarrow), or write .npy instead") from None
-    d = model_dir(args.model)
+    d = args_model_dir(args)
     srcs, bad = expand_inputs(args.paths) if args.paths else ([], [])
     if not srcs and not bad and not args.text:
         raise UsageError("nothing to embed: give image paths and/or --text")
@@ -698,11 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--text", nargs="+", required=True)
     common(p, DEFAULT_ITM_MODEL)
+    p.set_defaults(demo_kind="retrieval")
 
     p = sub.add_parser("embed", help="image (query) and/or text embeddings to .npy or .parquet")
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--text", nargs="+", default=None, help="texts to embed")
     common(p, DEFAULT_ITM_MODEL, output=False)
+    p.set_defaults(demo_kind="retrieval")
     p.add_argument("--output", "-o", required=True,
                    help="FILE.npy (+ FILE.json of ids; FILE.image.npy / FILE.text.npy when both) or FILE.parquet")
 

@@ -75,16 +75,30 @@ def itg_mask(attention_mask: torch.Tensor, num_query: int) -> torch.Tensor:
 
 # --- the math of the losses -----------------------------------------------------------------
 
-def contrastive_loss(sim_i2t: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING) -> torch.Tensor:
-    """sim_i2t (B, B) logits (already divided by temp); pair b is (image b, text b)."""
-    y = torch.arange(sim_i2t.shape[0], device=sim_i2t.device)
-    return (F.cross_entropy(sim_i2t, y, label_smoothing=label_smoothing)
-            + F.cross_entropy(sim_i2t.t(), y, label_smoothing=label_smoothing)) / 2
+def contrastive_loss(sim_i2t: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING,
+                     positives: torch.Tensor | None = None) -> torch.Tensor:
+    """sim_i2t (B, B) logits (already divided by temp); pair b is (image b, text b).
+
+    positives: optional (B, B) bool, True where image i and text j also match (the same image
+    or the same text elsewhere in the batch; LAVIS' image_id). The target then spreads evenly
+    over them, as LAVIS does, instead of calling a duplicate a negative."""
+    B = sim_i2t.shape[0]
+    if positives is None:
+        y = torch.arange(B, device=sim_i2t.device)
+        return (F.cross_entropy(sim_i2t, y, label_smoothing=label_smoothing)
+                + F.cross_entropy(sim_i2t.t(), y, label_smoothing=label_smoothing)) / 2
+    pos = positives.float()
+    t_i2t = pos / pos.sum(1, keepdim=True)
+    t_t2i = pos.t() / pos.t().sum(1, keepdim=True)
+    t_i2t = (1 - label_smoothing) * t_i2t + label_smoothing / B
+    t_t2i = (1 - label_smoothing) * t_t2i + label_smoothing / B
+    return (-(t_i2t * sim_i2t.log_softmax(1)).sum(1).mean() - (t_t2i * sim_i2t.t().log_softmax(1)).sum(1).mean()) / 2
 
 
 @torch.no_grad()
-def hard_negatives(sim_i2t: torch.Tensor, generator: torch.Generator | None = None):
-    """Draw one negative per row from softmax(sim) with the positive masked out.
+def hard_negatives(sim_i2t: torch.Tensor, generator: torch.Generator | None = None,
+                   positives: torch.Tensor | None = None):
+    """Draw one negative per row from softmax(sim) with the positive (or all `positives`) masked out.
 
     Returns (neg_image (B,) : a negative image for each text, neg_text (B,) : a negative text for each image).
     """
@@ -92,6 +106,8 @@ def hard_negatives(sim_i2t: torch.Tensor, generator: torch.Generator | None = No
     if B < 2:
         raise ValueError("ITM hard negatives need a batch of at least 2 pairs")
     eye = torch.eye(B, dtype=torch.bool, device=sim_i2t.device)
+    if positives is not None:
+        eye = eye | positives.to(eye.device)
     w_t2i = sim_i2t.t().float().masked_fill(eye, -10000.0).softmax(dim=1)
     w_i2t = sim_i2t.float().masked_fill(eye, -10000.0).softmax(dim=1)
     dev = generator.device if generator is not None else sim_i2t.device
@@ -216,14 +232,14 @@ class Blip2QFormerForPretraining(_Blip2Stage1):
         text_feat = F.normalize(self.text_projection(h[:, Q]), dim=-1)  # the text's [CLS]
         return image_feats, text_feat
 
-    def itc_loss(self, image_embeds, input_ids, attention_mask):
+    def itc_loss(self, image_embeds, input_ids, attention_mask, positives=None):
         """-> (loss, sim_i2t (B, B) = max-over-queries cosine / temp)."""
         with torch.no_grad():
             self.temp.clamp_(TEMP_MIN, TEMP_MAX)
         image_feats, text_feat = self.itc_features(image_embeds, input_ids, attention_mask)
         sim = torch.einsum("iqe,te->itq", image_feats.float(), text_feat.float()).max(dim=-1).values
         sim_i2t = sim / self.temp
-        return contrastive_loss(sim_i2t), sim_i2t
+        return contrastive_loss(sim_i2t, positives=positives), sim_i2t
 
     def itm_logits(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
         """Pairs (image b, text b) -> (B, 2) [no-match, match] logits, averaged over the queries."""
@@ -231,9 +247,10 @@ class Blip2QFormerForPretraining(_Blip2Stage1):
         h = self._qformer(image_embeds, input_ids, itm_mask(attention_mask, Q))
         return self.itm_head(h[:, :Q]).mean(dim=1)
 
-    def itm_loss(self, image_embeds, input_ids, attention_mask, sim_i2t=None, generator=None, negatives=None):
+    def itm_loss(self, image_embeds, input_ids, attention_mask, sim_i2t=None, generator=None, negatives=None,
+                 positives=None):
         """negatives: (neg_image, neg_text) index tensors; drawn by `hard_negatives(sim_i2t)` if None."""
-        neg_image, neg_text = negatives if negatives is not None else hard_negatives(sim_i2t, generator)
+        neg_image, neg_text = negatives if negatives is not None else hard_negatives(sim_i2t, generator, positives)
         B = input_ids.shape[0]
         ids = torch.cat([input_ids, input_ids, input_ids[neg_text]])
         mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
@@ -260,15 +277,19 @@ class Blip2QFormerForPretraining(_Blip2Stage1):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        positives: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """-> dict(loss, loss_itc, loss_itm, loss_itg); loss is their sum (LAVIS weights them equally).
 
         generator seeds the ITM negative sampling (pass one for reproducible runs).
+        positives: optional (B, B) bool, True where image i and text j match besides i == j
+        (duplicate images or captions in the batch): ITC targets include them, ITM never
+        draws them as negatives.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         img = self.image_embeds(pixel_values)
-        loss_itc, sim_i2t = self.itc_loss(img, input_ids, attention_mask)
-        loss_itm = self.itm_loss(img, input_ids, attention_mask, sim_i2t, generator)
+        loss_itc, sim_i2t = self.itc_loss(img, input_ids, attention_mask, positives)
+        loss_itm = self.itm_loss(img, input_ids, attention_mask, sim_i2t, generator, positives=positives)
         loss_itg = self.itg_loss(img, input_ids, attention_mask)
         return dict(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm, loss_itg=loss_itg)

@@ -171,20 +171,25 @@ def _background(scene: Scene, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 185, 255).astype(np.uint8), "RGB")
 
 
+def draw_objects(d: ImageDraw.ImageDraw, scene: Scene, size: int, fill=None) -> None:
+    """Draw the scene's objects on a size x size canvas; fill(i, obj) overrides each object's colour."""
+    for i, o in enumerate(scene.objects):
+        c = o.rgb if fill is None else fill(i, o)
+        cx, cy, r = o.x * size, o.y * size, RADIUS[o.size] * size
+        if o.shape == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
+        elif o.shape == "square":
+            h = r * 0.82  # a square of about the circle's area
+            d.rectangle([cx - h, cy - h, cx + h, cy + h], fill=c)
+        else:  # upright equilateral triangle inscribed in the bounding circle
+            pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+            d.polygon(pts, fill=c)
+
+
 def render(scene: Scene, size: int = 224) -> Image.Image:
     """The scene as a size x size RGB image."""
     img = _background(scene, size)
-    d = ImageDraw.Draw(img)
-    for o in scene.objects:
-        cx, cy, r = o.x * size, o.y * size, RADIUS[o.size] * size
-        if o.shape == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=o.rgb)
-        elif o.shape == "square":
-            h = r * 0.82  # a square of about the circle's area
-            d.rectangle([cx - h, cy - h, cx + h, cy + h], fill=o.rgb)
-        else:  # upright equilateral triangle inscribed in the bounding circle
-            pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-            d.polygon(pts, fill=o.rgb)
+    draw_objects(ImageDraw.Draw(img), scene, size)
     return img
 
 

@@ -188,6 +188,8 @@ class TrainConfig:
     max_length: int = 32  # text tokens (prompt + target), image tokens not counted
     prompt: str = ""  # prompt before a caption (stage 2 / caption)
     qa_prompt: str = "Question: {q} Answer:"
+    cache_images: bool = False  # keep each preprocessed image in memory (3*H*W floats each) after first use
+    flush_denormal: bool = True  # CPU: tiny gradients as denormal floats make matmuls several times slower
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with the state
 
     def __post_init__(self):
@@ -210,23 +212,33 @@ class TrainResult:
 
 # --- batches ----------------------------------------------------------------------------------
 
-def _images(examples: list[Example], image_processor) -> torch.Tensor:
-    ims = []
+def _images(examples: list[Example], image_processor, cache: dict | None = None) -> torch.Tensor:
+    """Decode and preprocess the batch's images; with a cache dict, each image only once per run."""
+    out = []
     for ex in examples:
-        try:
-            ims.append(load_image(ex.image))
-        except ImageLoadError as e:
-            raise DataError(f"{ex.where}: cannot read image {ex.image}: {e}") from e
-    return image_processor(ims, return_tensors="pt")["pixel_values"]
+        px = cache.get(ex.image) if cache is not None else None
+        if px is None:
+            try:
+                im = load_image(ex.image)
+            except ImageLoadError as e:
+                raise DataError(f"{ex.where}: cannot read image {ex.image}: {e}") from e
+            px = image_processor(im, return_tensors="pt")["pixel_values"][0]
+            if cache is not None:
+                cache[ex.image] = px
+        out.append(px)
+    return torch.stack(out)
 
 
-def stage1_batch(examples: list[Example], processor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def stage1_batch(examples: list[Example], processor, cfg: TrainConfig, cache: dict | None = None) -> dict[str, torch.Tensor]:
     """pixel_values + Q-Former text ([CLS] caption [SEP], padded): the processor's tokenizer is the
-    Q-Former's (BERT-style) one here."""
+    Q-Former's (BERT-style) one here. `positives` (B, B) marks pairs that match besides the
+    diagonal: the same image file or the same caption text twice in one batch."""
     texts = [ex.text if ex.text is not None else f"{ex.question} {ex.answer}" for ex in examples]
     enc = processor.tokenizer(texts, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
-    return dict(pixel_values=_images(examples, processor.image_processor),
-                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    same = [[a.image == b.image or ta == tb for b, tb in zip(examples, texts)] for a, ta in zip(examples, texts)]
+    return dict(pixel_values=_images(examples, processor.image_processor, cache),
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                positives=torch.tensor(same, dtype=torch.bool))
 
 
 def _prompt_target(ex: Example, cfg: TrainConfig) -> tuple[str, str]:
@@ -235,7 +247,8 @@ def _prompt_target(ex: Example, cfg: TrainConfig) -> tuple[str, str]:
     return cfg.prompt, (" " + ex.text if cfg.prompt else ex.text)
 
 
-def lm_batch(examples: list[Example], processor, cfg: TrainConfig, model_config) -> dict[str, torch.Tensor]:
+def lm_batch(examples: list[Example], processor, cfg: TrainConfig, model_config,
+             cache: dict | None = None) -> dict[str, torch.Tensor]:
     """pixel_values, input_ids, attention_mask, labels for Blip2ForConditionalGeneration.
 
     Decoder-only: one right-padded sequence, labels -100 except on the target and its eos.
@@ -271,7 +284,7 @@ def lm_batch(examples: list[Example], processor, cfg: TrainConfig, model_config)
         L = max(len(r) for r in rows)
         return torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], dtype=torch.long)
 
-    out = dict(pixel_values=_images(examples, processor.image_processor))
+    out = dict(pixel_values=_images(examples, processor.image_processor, cache))
     if dec_only:
         out.update(input_ids=pad_to(ids, pad), attention_mask=mask(ids), labels=pad_to(labels, -100))
     else:
@@ -378,13 +391,15 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 # --- the loop ---------------------------------------------------------------------------------
 
 def train(model: nn.Module, processor, data: list[Example], cfg: TrainConfig,
-          resume_from: str | os.PathLike | None = None) -> TrainResult:
+          resume_from: str | os.PathLike | None = None, image_cache: dict | None = None) -> TrainResult:
     """Train `model` in place on `data` (Examples, e.g. from read_jsonl) and return a TrainResult.
 
     model: Blip2QFormerForPretraining for stage 1, Blip2ForConditionalGeneration otherwise.
     processor: a Blip2Processor (stage 1: its tokenizer is the Q-Former's; otherwise the LM's).
     resume_from: a checkpoint directory written by an earlier run with the same cfg and data,
     or "latest" for the newest one in cfg.output_dir.
+    image_cache: a dict {image path: preprocessed (3, H, W) tensor} to use and fill, e.g. shared
+    by the runs of several stages (cfg.cache_images alone keeps a cache for this run only).
     """
     if cfg.stage == "stage1" and not hasattr(model, "itg_head"):
         raise TypeError("stage 1 trains a Blip2QFormerForPretraining")
@@ -408,6 +423,8 @@ def train(model: nn.Module, processor, data: list[Example], cfg: TrainConfig,
     neg_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     gens = {"order": order_gen, "negatives": neg_gen}
 
+    if cfg.flush_denormal:
+        torch.set_flush_denormal(True)  # process-wide; a no-op where the CPU cannot
     set_train_mode(model, cfg.stage)
     step, epoch, pos, perm, losses = 0, 0, 0, None, []
     if resume_from is not None:
@@ -437,10 +454,12 @@ def train(model: nn.Module, processor, data: list[Example], cfg: TrainConfig,
         pos += cfg.batch_size
         return [data[i] for i in idx]
 
+    cache = image_cache if image_cache is not None else {} if cfg.cache_images else None
+
     def batch_for(exs):
         if cfg.stage == "stage1":
-            return stage1_batch(exs, processor, cfg)
-        return lm_batch(exs, processor, cfg, model.config)
+            return stage1_batch(exs, processor, cfg, cache)
+        return lm_batch(exs, processor, cfg, model.config, cache)
 
     def state_dict() -> dict:
         return dict(stage=cfg.stage, step=step, epoch=epoch, pos=pos, perm=perm, losses=losses,
