@@ -202,3 +202,50 @@ def test_tiny_blip2_t5_int8(tmp_path, dtype):
         b = ref(pixel_values=px, input_ids=ids, decoder_input_ids=dec).logits
     assert a.dtype == dtype and rel(a, b) < 0.08  # measured 0.04-0.05: int8 error through 4 stacks
     assert m.generate(pixel_values=px, max_new_tokens=4, min_new_tokens=4).shape == (2, 5)
+
+
+# Streamed quantize-at-load (each float linear read by rows and quantized as it is read) must give
+# bitwise what quantize_ gives on the float-loaded model. Widths are multiples of 64 so int4 takes
+# the attention and MLP layers; fc1 / wi_* have 192 / 128 rows, i.e. several int4 blocks of 64.
+STREAM_TEXT = {
+    "opt": dict(hidden_size=64, ffn_dim=192, word_embed_proj_dim=64),
+    "t5": dict(d_model=64, d_kv=16, d_ff=128),
+}
+
+
+@pytest.fixture(scope="module")
+def stream_ckpts(tmp_path_factory):
+    out = {}
+    for text, over in STREAM_TEXT.items():
+        d = tmp_path_factory.mktemp(f"stream_{text}")
+        hf_tiny.save_hf("Blip2ForConditionalGeneration", hf_tiny.blip2_config(text, text_config=over), d)
+        out[text] = d
+    return out
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_streamed_equals_quantize_after_load(stream_ckpts, text, mode, monkeypatch):
+    d = stream_ckpts[text]
+    monkeypatch.setattr(Q, "STREAM_ELEMS", 64 * 64)  # 64 rows a step at K=64: several steps per layer
+    fetched = []
+    get = blip2.weights._Reader.get
+    monkeypatch.setattr(blip2.weights._Reader, "get", lambda self, k: fetched.append(k) or get(self, k))
+    qcls = Int8Linear if mode == "int8" else Int4Linear
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ref = blip2.Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype)
+        quantize_(ref.language_model, mode)
+        fetched.clear()
+        m = blip2.Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype, quantize=mode)
+        qnames = [n for n, x in m.language_model.named_modules() if isinstance(x, qcls)]
+        assert len(qnames) >= 8 and [type(x) for x in m.modules()] == [type(x) for x in ref.modules()]
+        # the float weights of quantized layers are read by rows from the file, never through the mmap
+        assert not [k for k in fetched if k.endswith(".weight") and k[len("language_model."):-7] in qnames]
+        a, b = m.state_dict(), ref.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        if text == "t5" and dtype == torch.float16:  # wo stays fp32 in fp16 (keep-in-fp32), so do its scales
+            wo = m.language_model.decoder.block[0].layer[-1].DenseReluDense.wo
+            assert isinstance(wo, qcls) and (wo.scales if mode == "int8" else wo.scales_and_zeros).dtype == torch.float32
+        assert m.language_model.config.quantization["mode"] == mode

@@ -22,6 +22,7 @@ the int tensors + scales and from_pretrained rebuilds the quantized modules befo
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -39,6 +40,34 @@ def _has_op(name: str) -> bool:
 def _meta_weight(n: int, k: int, dtype: torch.dtype) -> Tensor:
     # Code that sizes caches from `layer.weight.dtype` / `.shape` keeps working; no data is held.
     return torch.empty((n, k), dtype=dtype, device="meta")
+
+
+def quant8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) float -> int8 q (N, K), scales (N,) in w's dtype. Rows are independent, so a block of
+    rows quantizes to the same bytes alone as inside the whole matrix (streamed loading relies on it)."""
+    wf = w.to(torch.float32, copy=True)  # (N, K); a copy, since the steps below work in place
+    # max |w| = max(hi, -lo), exactly; two vectorized reductions beat abs() + amax (no (N, K) temp)
+    # and torch.aminmax (not vectorized on CPU in torch 2.13: 6x slower)
+    s = torch.maximum(wf.amax(1), wf.amin(1).neg()).clamp_min(1e-12) / 127.0  # (N,)
+    s = s.to(w.dtype).float()  # quantize against the scale we will store
+    q = wf.div_(s[:, None]).round_().clamp_(-128, 127).to(torch.int8)
+    return q, s.to(w.dtype)
+
+
+def quant4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(N, K) float, N % 64 == 0 -> packed q (N, K/2) uint8, scales_and_zeros (K/G, N, 2) in w's
+    dtype. Each block of 64 rows packs on its own, so row blocks that are multiples of 64 stream."""
+    N, K = w.shape
+    wg = w.to(torch.float32, copy=True).reshape(N, K // group_size, group_size)  # (N, K/G, G)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/G)
+    s = ((hi - lo).clamp_min(1e-6) / 15).to(w.dtype).float()
+    z = (lo + 8 * s).to(w.dtype).float()  # w ≈ (q - 8) s + z, so q = 0 gives lo
+    q = wg.sub_(z[..., None]).div_(s[..., None]).add_(8).round_().clamp_(0, 15).reshape(N, K)
+    if w.device.type == "cpu" and _has_op("_convert_weight_to_int4pack_for_cpu"):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    else:
+        packed = pack_int4(q)
+    return packed, torch.stack((s, z), -1).transpose(0, 1).to(w.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -62,11 +91,9 @@ class Int8Linear(nn.Module):
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=w.dtype, device=w.device)
         if not w.is_meta:
             with torch.no_grad():
-                wf = w.float()  # (N, K)
-                s = wf.abs().amax(1).clamp_min(1e-12) / 127.0  # (N,)
-                s = s.to(w.dtype).float()  # quantize against the scale we will store
-                m.qweight.copy_(torch.round(wf / s[:, None]).clamp_(-128, 127).to(torch.int8))
-                m.scales.copy_(s.to(w.dtype))
+                q, s = quant8(w)
+                m.qweight.copy_(q)
+                m.scales.copy_(s)
                 if lin.bias is not None:
                     m.bias.copy_(lin.bias)
         return m
@@ -141,17 +168,9 @@ class Int4Linear(nn.Module):
         m = cls(K, N, lin.bias is not None, group_size, dtype=w.dtype, device=w.device)
         if not w.is_meta:
             with torch.no_grad():
-                wg = w.float().reshape(N, K // group_size, group_size)  # (N, K/G, G)
-                lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/G)
-                s = ((hi - lo).clamp_min(1e-6) / 15).to(w.dtype).float()
-                z = (lo + 8 * s).to(w.dtype).float()  # w ≈ (q - 8) s + z, so q = 0 gives lo
-                q = torch.round((wg - z[..., None]) / s[..., None] + 8).clamp_(0, 15).reshape(N, K)
-                if w.device.type == "cpu" and _has_op("_convert_weight_to_int4pack_for_cpu"):
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-                else:
-                    packed = pack_int4(q)
+                packed, sz = quant4(w, group_size)
                 m.qweight.copy_(packed)
-                m.scales_and_zeros.copy_(torch.stack((s, z), -1).transpose(0, 1).to(w.dtype))
+                m.scales_and_zeros.copy_(sz)
                 if lin.bias is not None:
                     m.bias.copy_(lin.bias)
         return m
@@ -223,11 +242,148 @@ def _settings(q: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Float rows quantized per step when streaming: 2M elements (8 MiB as fp32) keeps the temporaries
+# small next to any real model, yet large enough that the per-call overhead is noise.
+STREAM_ELEMS = 1 << 21
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class _RowReader:
+    """Reads row blocks of one tensor with plain file reads (pread), not through the mmap.
+
+    Pages of an mmap stay in the process's resident set for as long as the mapping lives (the
+    loaded embeddings and ViT keep it alive), so reading the float linears through it would leave
+    the whole float language model resident after it was quantized. File reads go through the page
+    cache, which is not ours, and the row buffer is freed once quantized.
+    """
+
+    def __init__(self, reader):
+        self.reader = reader
+        self._headers: dict[Any, dict[str, Any]] = {}
+        self._files: dict[Any, Any] = {}
+
+    def _entry(self, k: str):
+        f = self.reader.where[k]
+        if f not in self._headers:
+            hdr: dict[str, Any] = {}
+            if str(f).endswith(".safetensors"):
+                from .weights import _rename
+
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    meta = json.loads(fh.read(n))
+                for key, e in meta.items():
+                    if key != "__metadata__" and e.get("dtype") in _ST_DTYPES:
+                        hdr[_rename(key)] = (_ST_DTYPES[e["dtype"]], 8 + n + e["data_offsets"][0])
+            self._headers[f] = hdr
+        return f, self._headers[f].get(k)
+
+    def rows(self, k: str, r0: int, r1: int, K: int) -> Tensor:
+        f, e = self._entry(k)
+        if e is None:  # a pytorch_model.bin (already mmapped by torch.load) or an odd dtype
+            return self.reader.get(k)[r0:r1]
+        dt, off = e
+        size = torch.empty((), dtype=dt).element_size()
+        buf = torch.empty((r1 - r0) * K * size, dtype=torch.uint8)
+        if f not in self._files:
+            self._files[f] = open(f, "rb", buffering=0)
+        fh, mv, pos = self._files[f], memoryview(buf.numpy()), 0
+        fh.seek(off + r0 * K * size)
+        while pos < len(mv):
+            got = fh.readinto(mv[pos:])
+            if not got:
+                raise EOFError(f"{f}: file ends inside {k}; re-download it")
+            pos += got
+        return buf.view(dt).reshape(r1 - r0, K)  # safetensors is little-endian, as is every CPU torch runs on
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+class _StreamingReader:
+    """The checkpoint as the quantized model wants it: each float `X.weight` of a quantized layer
+    reads as `X.qweight` + `X.scales` (or `X.scales_and_zeros`), quantized block by block of rows
+    on first access. The steps are those of from_linear on the weight cast to the load dtype and
+    moved to the device, so the result is bitwise what quantize_ gives after a float load."""
+
+    def __init__(self, reader, model: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.reader, self.model, self.dtype, self.device = reader, model, dtype, device
+        self.rows = _RowReader(reader)
+        qmods = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+        pre = model.part_prefix
+        self.where: dict[str, Any] = {}
+        self._virt: dict[str, tuple[str, str, nn.Module]] = {}  # virtual key -> (weight key, our name, module)
+        self._ready: dict[str, Tensor] = {}
+        for k in reader.keys():
+            base = k[: -len(".weight")] if k.endswith(".weight") else None
+            ours = base[len(pre):] if base is not None and pre and base.startswith(pre) else base
+            m = qmods.get(ours) if ours is not None else None
+            if m is None:
+                self.where[k] = reader.where[k]
+                continue
+            for leaf in ("qweight", "scales" if isinstance(m, Int8Linear) else "scales_and_zeros"):
+                self.where[f"{base}.{leaf}"] = reader.where[k]
+                self._virt[f"{base}.{leaf}"] = (k, ours, m)
+
+    def keys(self):
+        return self.where.keys()
+
+    def is_float(self, k) -> bool:
+        return k not in self._virt and self.reader.is_float(k)
+
+    def shape(self, k) -> tuple[int, ...]:
+        if k not in self._virt:
+            return self.reader.shape(k)
+        wk, _, m = self._virt[k]
+        got = self.reader.shape(wk)
+        if got != (m.out_features, m.in_features):
+            from .weights import CheckpointError
+
+            raise CheckpointError(f"{wk}: checkpoint {list(got)}, model {[m.out_features, m.in_features]}")
+        return tuple(getattr(m, k.rpartition(".")[2]).shape)
+
+    def get(self, k) -> Tensor:
+        if k not in self._virt:
+            return self.reader.get(k)
+        if k in self._ready:
+            return self._ready.pop(k)
+        wk, ours, m = self._virt[k]
+        # the dtype a float load would give this weight (fp32 for _keep_in_fp32_modules in fp16)
+        want = torch.float32 if self.model._fp32_keep(ours + ".weight", self.dtype) else self.dtype
+        N, K = m.out_features, m.in_features
+        q = torch.empty(tuple(m.qweight.shape), dtype=m.qweight.dtype, device=self.device)
+        int8 = isinstance(m, Int8Linear)
+        s = torch.empty((N,) if int8 else tuple(m.scales_and_zeros.shape), dtype=want, device=self.device)
+        step = max(1, STREAM_ELEMS // K)
+        if not int8:
+            step = max(INT4_BLOCK_N, step // INT4_BLOCK_N * INT4_BLOCK_N)  # whole packing blocks
+        with torch.no_grad():
+            for r0 in range(0, N, step):
+                r1 = min(N, r0 + step)
+                w = self.rows.rows(wk, r0, r1, K).to(device=self.device, dtype=want)  # (n, K)
+                if int8:
+                    q[r0:r1], s[r0:r1] = quant8(w)
+                else:
+                    q[r0:r1], s[:, r0:r1] = quant4(w, m.group_size)
+                del w
+        base = k.rpartition(".")[0]
+        out = {f"{base}.qweight": q, f"{base}.{'scales' if int8 else 'scales_and_zeros'}": s}
+        self._ready.update({n: t for n, t in out.items() if n != k})
+        return out[k]
+
+    def close(self) -> None:
+        self.rows.close()
+
+
 def load_and_quantize(model: nn.Module, reader, d, dtype: torch.dtype, device: torch.device, quantize: str | None) -> None:
     """from_pretrained's loading step for quantized models (`model` is still on the meta device).
 
     A checkpoint saved quantized (its LM config has `quantization`): rebuild those modules, then
-    load the int tensors. A float checkpoint with quantize="int8"/"int4": load, then quantize.
+    load the int tensors. A float checkpoint with quantize="int8"/"int4": build the quantized
+    modules on meta, then quantize each float linear as it is read (_StreamingReader), so peak
+    memory is about the quantized model, not the float one.
     """
     lm = getattr(model, "language_model", None)
     if lm is None:
@@ -241,6 +397,10 @@ def load_and_quantize(model: nn.Module, reader, d, dtype: torch.dtype, device: t
         quantize_(lm, **_settings(saved))
         model._load_from(reader, d, dtype, device)
     else:
-        model._load_from(reader, d, dtype, device)
         mode, _, g = str(quantize).partition("-")  # "int4-128": group size 128
-        quantize_(lm, mode, group_size=int(g) if g else 32)
+        quantize_(lm, mode, group_size=int(g) if g else 32)  # on meta: shapes only
+        sr = _StreamingReader(reader, model, dtype, device)
+        try:
+            model._load_from(sr, d, dtype, device)
+        finally:
+            sr.close()
