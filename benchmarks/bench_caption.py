@@ -4,6 +4,11 @@
     .venv/bin/python benchmarks/bench_caption.py --tiny         # the same flow in seconds
     .venv/bin/python benchmarks/bench_caption.py --layers 2     # full widths, 2 layers per tower
     .venv/bin/python benchmarks/bench_caption.py --tiny --only transformers
+    .venv/bin/python benchmarks/bench_caption.py --layers 2 --reps 1 --threads 1 --compile --quantize int8
+
+Figures per implementation: load and load + first caption, peak RSS, batch-1 caption latency split
+into image+prefill and decode ms/token, the decode bandwidth floor (LM weight bytes per token / the
+measured read bandwidth), captions/s per --batches size, and k questions about one image.
 
 The checkpoint has random weights and the architecture of Salesforce/blip2-opt-2.7b; it is built once
 with transformers' own save_pretrained (bf16 safetensors) under benchmarks/.cache/. Every
@@ -30,6 +35,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 IMPLS = ("transformers", "blip2")
+
+# Questions about one image, as token ids (the random checkpoint has no tokenizer). Their lengths are
+# those of GPT-2/OPT tokenisations of "Question: what is in the picture? Answer:" style prompts;
+# the ids are arbitrary ordinary tokens, the same on both sides.
+QUESTIONS = [
+    [24361, 35, 99, 16, 11, 5, 2170, 116, 31652, 35],
+    [24361, 35, 99, 3195, 16, 5, 4884, 116, 31652, 35],
+    [24361, 35, 141, 171, 82, 32, 89, 116, 31652, 35],
+    [24361, 35, 147, 16, 42, 2170, 551, 116, 31652, 35],
+]
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
 RESULT_TAG = "@@RESULT@@ "  # the child's last stdout line starting with this carries its JSON
 
 # Salesforce/blip2-opt-2.7b config.json as published on the hub (transformers_version 4.47.0.dev0).
@@ -163,13 +182,63 @@ def child(spec: dict) -> dict:
     return r
 
 
+def read_bandwidth(dev, gib: float = 1.0, reps: int = 5) -> float:
+    """The machine's memory read bandwidth in bytes/s: best of `reps` sums over a `gib` GiB fp32
+    tensor (far larger than any cache, so every byte comes from DRAM / HBM)."""
+    import torch
+
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=dev)
+    x.sum()  # first touch, thread pool / kernel warm-up
+    best = math.inf
+    for _ in range(reps):
+        t = clock(dev)
+        x.sum().item()
+        best = min(best, clock(dev) - t)
+    n = x.numel() * x.element_size()
+    del x
+    return n / best
+
+
+def clock(dev) -> float:
+    """perf_counter after the device has finished its queued work."""
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def lm_bytes_per_token(model) -> int:
+    """Bytes of language-model weights one decode step reads: every tensor of the LM (int8/int4
+    weights with their scales, norms, biases) except embedding tables, which are looked up one row
+    at a time -- unless the table is also the lm_head matrix (tied), which is read in full."""
+    from torch import nn
+
+    lm = model.language_model
+    head = model.get_output_embeddings()
+    head_ptrs = {t.data_ptr() for t in head.parameters()}
+    emb_ptrs = {m.weight.data_ptr() for m in lm.modules() if isinstance(m, nn.Embedding)}
+    tensors = [*lm.parameters(), *lm.buffers(), *head.parameters()]
+    seen, total = set(), 0
+    for t in tensors:
+        p = t.data_ptr()
+        if t.is_meta or p in seen or (p in emb_ptrs and p not in head_ptrs):
+            continue
+        seen.add(p)
+        total += t.numel() * t.element_size()
+    return total
+
+
 def _measure(spec: dict, r: dict) -> None:
     """Fill r stage by stage; r["stage"] names the one running, for the error message."""
     t0 = time.perf_counter()
     import torch
 
     torch.set_num_threads(spec["threads"])
-    if spec["impl"] == "transformers":
+    dev = torch.device(spec["device"] if spec["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    r["device"] = str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    blip2_side = spec["impl"] == "blip2"
+    if not blip2_side:
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -186,46 +255,112 @@ def _measure(spec: dict, r: dict) -> None:
     from safetensors.torch import load_file
 
     dtype = getattr(torch, spec["dtype"])
-    px = load_file(str(Path(spec["ckpt"]) / "inputs.safetensors"))["pixel_values"].to(dtype)
+    px8 = load_file(str(Path(spec["ckpt"]) / "inputs.safetensors"))["pixel_values"].to(dev, dtype)
     r["import_s"] = time.perf_counter() - t0
 
+    def pixels(b: int):  # b images: the stored ones, repeated when b is larger
+        return px8.repeat((b + len(px8) - 1) // len(px8), 1, 1, 1)[:b]
+
     r["stage"] = "load"
-    t = time.perf_counter()
-    q = spec.get("quantize") if spec["impl"] == "blip2" else None
-    model = Model.from_pretrained(spec["ckpt"], dtype=dtype, **({"quantize": q} if q else {}))
+    t = clock(dev)
+    q = spec.get("quantize") if blip2_side else None
+    kw = {"quantize": q} if q else {}
+    if dev.type != "cpu":
+        kw["device_map"] = str(dev)
+    model = Model.from_pretrained(spec["ckpt"], dtype=dtype, **kw)
     model.eval()
-    r["load_s"] = time.perf_counter() - t
+    r["load_s"] = clock(dev) - t
     r["rss_after_load_gib"] = rss_gib()
     r["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    r["lm_bytes_per_token"] = lm_bytes_per_token(model)
 
-    gen = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"])
+    N = spec["new_tokens"]
+    extra = dict(compile=True) if blip2_side and spec.get("compile") else {}
+    gen = dict(max_new_tokens=N, min_new_tokens=N, **extra)
     prompt_len = model.config.num_query_tokens + 1  # image placeholders + BOS
+
+    def generate(b: int, n: int = N):
+        ids = model.generate(pixel_values=pixels(b), max_new_tokens=n, min_new_tokens=n, **extra)
+        assert tuple(ids.shape) == (b, prompt_len + n), f"generated shape {tuple(ids.shape)}"
+        return ids
+
     r["stage"] = "warm-up generate"
-    t = time.perf_counter()
+    t = clock(dev)
     for i in range(spec["warmup"]):
-        model.generate(pixel_values=px[:1], **gen)
+        generate(1)
         if i == 0:  # a lazy (mmap) loader pays its page faults here: count them with the load
-            r["first_caption_s"] = time.perf_counter() - t
+            r["first_caption_s"] = clock(dev) - t
             r["load_to_first_caption_s"] = r["load_s"] + r["first_caption_s"]
+    if extra:  # compiled decoding: one graph per batch size, built here and not in a timed call
+        r["stage"] = "compile warm-up"
+        for b in spec["batches"]:
+            generate(b, 2)
+        r["compile_warmup_s"] = clock(dev) - t
 
-    def timed(b: int):
-        r["stage"] = f"batch-{b} generate"
-        t = time.perf_counter()
-        ids = model.generate(pixel_values=px[:b], **gen)
-        s = time.perf_counter() - t
-        assert tuple(ids.shape) == (b, prompt_len + spec["new_tokens"]), f"generated shape {tuple(ids.shape)}"
-        return s, ids.tolist()
+    def timed(b: int, n: int = N):
+        r["stage"] = f"batch-{b} generate ({n} tokens)"
+        t = clock(dev)
+        ids = generate(b, n)
+        return clock(dev) - t, ids.tolist()
 
-    r["caption_s"], r["ids_b1"] = timed(1)
-    B = spec["batch"]
-    s, r["ids_batch"] = timed(B)
-    r["batch_s"], r["batch_captions_per_s"] = s, B / s
+    # batch 1: the caption, and a 1-token generate (image + prefill + one argmax) to split it
+    cap, pre = [], []
+    for _ in range(spec["inner"]):
+        s, r["ids_b1"] = timed(1)
+        cap.append(s)
+        pre.append(timed(1, 1)[0])
+    r["caption_s"], r["prefill_s"] = statistics.median(cap), statistics.median(pre)
+    r["decode_ms_per_token"] = 1e3 * (r["caption_s"] - r["prefill_s"]) / max(N - 1, 1)
+
+    for b in spec["batches"]:
+        s, r[f"ids_batch{b}"] = timed(b)
+        r[f"batch{b}_s"], r[f"batch{b}_captions_per_s"] = s, b / s
+
+    # several questions about one image (batch 1, greedy, q_new_tokens each)
+    r["stage"] = "questions"
+    c = model.config
+    pre_ids = [c.image_token_index] * c.num_query_tokens + [c.text_config.bos_token_id]
+    qgen = dict(max_new_tokens=spec["q_new_tokens"], min_new_tokens=spec["q_new_tokens"], **extra)
+
+    def ask(questions: list[list[int]]) -> list[list[int]]:
+        outs = []
+        if blip2_side:  # the image goes through ViT + Q-Former once, each question reuses it
+            _, _, lm_in = model._image_to_lm(pixels(1))
+        for qi in questions:
+            qi = [x % (c.text_config.vocab_size - 2) for x in qi]  # the tiny vocab is small
+            ids = torch.tensor([pre_ids + qi], dtype=torch.long, device=dev)
+            am = torch.ones_like(ids)
+            if blip2_side:
+                out = model._generate(model._merge(ids, None, lm_in), am, ids, **qgen)
+            else:  # transformers' generate re-encodes the image for every question
+                out = model.generate(pixel_values=pixels(1), input_ids=ids, attention_mask=am, **qgen)
+            outs.append(out[0].tolist())
+        return outs
+
+    with torch.inference_mode():
+        if extra:
+            ask(spec["questions"][:1])  # the compiled graph for this prompt length, untimed
+        for k in spec["ks"]:
+            t = clock(dev)
+            r[f"ids_q{k}"] = ask(spec["questions"][:k])
+            r[f"questions{k}_s"] = clock(dev) - t
+            r[f"questions{k}_vs_bound"] = r[f"questions{k}_s"] / (r["caption_s"] * (1 + 0.3 * k))
     r["peak_rss_gib"] = rss_gib()  # only for complete runs: a failed run's peak is not comparable
+    if dev.type == "cuda":
+        r["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+
+    # the bandwidth floor: after the peak RSS was taken (the probe allocates its own GiB)
+    r["stage"] = "bandwidth"
+    r["read_gb_per_s"] = read_bandwidth(dev, gib=spec["bw_gib"]) / 1e9
+    r["floor_ms_per_token"] = r["lm_bytes_per_token"] / (r["read_gb_per_s"] * 1e9) * 1e3
+    r["decode_vs_floor"] = r["decode_ms_per_token"] / r["floor_ms_per_token"]
 
 
 def run_child(impl: str, args, ckpt: Path) -> dict:
     spec = dict(impl=impl, ckpt=str(ckpt), dtype=args.dtype, threads=args.threads, warmup=args.warmup,
-                new_tokens=args.new_tokens, batch=args.batch, quantize=args.quantize)
+                new_tokens=args.new_tokens, batches=args.batches, quantize=args.quantize, compile=args.compile,
+                device=args.device, inner=args.inner, questions=QUESTIONS, ks=args.ks,
+                q_new_tokens=args.q_new_tokens, bw_gib=args.bw_gib)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -312,7 +447,18 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="layers per tower (vision, Q-Former, OPT); widths stay")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     ap.add_argument("--reps", type=int, default=3, help="child processes per implementation (alternating)")
-    ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput run (<= 8 images stored)")
+    ap.add_argument("--batches", type=ints, default=[8, 16],
+                    help="batch sizes of the throughput runs, comma separated (8 images are stored and repeated)")
+    ap.add_argument("--batch", type=int, default=None, help="one throughput batch size (same as --batches N)")
+    ap.add_argument("--questions", dest="ks", type=ints, default=[1, 2, 4],
+                    help="numbers of questions asked about one image, comma separated (at most 4)")
+    ap.add_argument("--q-new-tokens", type=int, default=10, help="new tokens per answer")
+    ap.add_argument("--inner", type=int, default=1,
+                    help="batch-1 caption and 1-token generate repeats inside a child (median)")
+    ap.add_argument("--compile", action="store_true",
+                    help="blip2 side only: decode steps under torch.compile (generate(..., compile=True))")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    ap.add_argument("--bw-gib", type=float, default=1.0, help="size of the read-bandwidth probe tensor")
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=1, help="untimed batch-1 generate calls before timing")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: cores)")
@@ -337,8 +483,10 @@ def main(argv=None) -> int:
         b = json.loads(args._build)
         build(Path(b["out"]), b["kw"], b["n_images"], b["seed"])
         return 0
-    if not 1 <= args.batch <= 8:
-        ap.error("--batch must be between 1 and 8 (8 images are stored)")
+    if args.batch is not None:
+        args.batches = [args.batch]
+    if min(args.batches) < 1 or not 1 <= min(args.ks) <= max(args.ks) <= len(QUESTIONS):
+        ap.error(f"batch sizes must be >= 1 and question counts between 1 and {len(QUESTIONS)}")
 
     # 1. checkpoint (built in its own process so this one stays small)
     kw = config_kwargs(args.tiny, args.layers)
@@ -366,7 +514,9 @@ def main(argv=None) -> int:
     machine = machine_info()
     print(f"{machine['cpu']} | {args.threads} threads | torch {machine['torch']} | "
           f"transformers {machine['transformers']} | dtype {args.dtype} | {args.new_tokens} new tokens | "
-          f"batch {args.batch} | {args.reps} reps", flush=True)
+          f"batches {args.batches} | {args.ks} questions | {args.reps} reps"
+          f"{' | blip2 int ' + args.quantize if args.quantize else ''}{' | blip2 compiled' if args.compile else ''}",
+          flush=True)
     runs: dict[str, list[dict]] = {i: [] for i in impls}
     for rep in range(args.reps):
         for impl in impls:
@@ -374,9 +524,10 @@ def main(argv=None) -> int:
             r["rep"] = rep
             runs[impl].append(r)
             if "error" not in r:
-                print(f"  rep {rep} {impl:12s} load {r['load_s']:7.2f} s | caption {r['caption_s']:7.3f} s | "
-                      f"batch {args.batch}: {r['batch_captions_per_s']:7.3f} captions/s | "
-                      f"peak RSS {r['peak_rss_gib']:5.2f} GiB", flush=True)
+                bs = " | ".join(f"batch {b}: {r[f'batch{b}_captions_per_s']:6.3f}/s" for b in args.batches)
+                print(f"  rep {rep} {impl:12s} load {r['load_s']:6.2f} s | caption {r['caption_s']:7.3f} s | "
+                      f"decode {r['decode_ms_per_token']:7.3g} ms/tok (floor {r['floor_ms_per_token']:.3g}) | "
+                      f"{bs} | peak RSS {r['peak_rss_gib']:5.2f} GiB", flush=True)
             else:
                 got = f" (load {r['load_s']:.2f} s, RSS {r['rss_after_load_gib']:.2f} GiB)" if "load_s" in r else ""
                 print(f"  rep {rep} {impl:12s} FAILED{got}: {r['error']}\n" +
@@ -386,36 +537,59 @@ def main(argv=None) -> int:
     # medians over every run that measured the figure: a run whose generate failed still gives its
     # load time and RSS after load; timings, peak RSS and token ids come from complete runs only
     ok_runs = runs
-    rows = [  # (label, key, format, ratio = transformers/blip2 when bigger-is-worse, else inverted)
+    # (label, key, format, higher_better): the ratio is transformers / blip2 when lower is better
+    # (times, memory), blip2 / transformers when higher is better; None: no ratio (machine figures)
+    rows = [
         ("load time (s)", "load_s", "{:.2f}", False),
         ("load + 1st caption (s)", "load_to_first_caption_s", "{:.2f}", False),
         ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}", False),
         ("RSS after load (GiB)", "rss_after_load_gib", "{:.2f}", False),
-        ("s / caption (batch 1)", "caption_s", "{:.3f}", False),
-        (f"captions / s (batch {args.batch})", "batch_captions_per_s", "{:.3f}", True),
+        ("peak GPU memory (GiB)", "peak_gpu_mem_gib", "{:.2f}", False),
+        (f"s / caption (b1, {args.new_tokens} tok)", "caption_s", "{:.3f}", False),
+        ("image+prefill+1 tok (s)", "prefill_s", "{:.3f}", False),
+        ("decode (ms / token)", "decode_ms_per_token", "{:.3g}", False),
+        ("LM bytes / token (MB)", "lm_mb_per_token", "{:.4g}", False),
+        ("read bandwidth (GB/s)", "read_gb_per_s", "{:.2f}", None),
+        ("floor (ms / token)", "floor_ms_per_token", "{:.3g}", False),
+        ("decode / floor", "decode_vs_floor", "{:.2f}", False),
+        *[(f"captions / s (batch {b})", f"batch{b}_captions_per_s", "{:.3f}", True) for b in args.batches],
+        *[(f"{k} question{'s' if k > 1 else ''} (s)", f"questions{k}_s", "{:.3f}", False) for k in args.ks],
+        *[(f"  / (1 + 0.3*{k}) caption", f"questions{k}_vs_bound", "{:.2f}", False) for k in args.ks],
     ]
+    for rs in runs.values():
+        for r in rs:
+            if "lm_bytes_per_token" in r:
+                r["lm_mb_per_token"] = r["lm_bytes_per_token"] / 1e6
     summary = {}
     print()
     print(f"{'median of ' + str(args.reps) + ' reps':28s}" + "".join(f"{i:>14s}" for i in IMPLS) + f"{'tr / blip2':>14s}")
     for label, key, fmt, higher_better in rows:
         v = {i: med(ok_runs.get(i, []), key) for i in IMPLS}
+        if all(x is None for x in v.values()):
+            continue  # e.g. GPU memory on a CPU run
         ratio = None
-        if v["transformers"] and v["blip2"]:
+        if v["transformers"] and v["blip2"] and higher_better is not None:
             ratio = v["blip2"] / v["transformers"] if higher_better else v["transformers"] / v["blip2"]
         summary[key] = dict(v, ratio=ratio)
         cells = "".join(f"{fmt.format(v[i]) if v[i] is not None else '-':>14s}" for i in IMPLS)
         print(f"{label:28s}{cells}{(f'{ratio:.2f}x' if ratio else '-'):>14s}")
-    print("(ratio: speed-up of blip2, i.e. transformers time / blip2 time; for memory, transformers / blip2)")
+    print("(ratio: speed-up of blip2, i.e. transformers time / blip2 time; for memory, transformers / blip2;\n"
+          " floor: LM weight bytes read per token / measured read bandwidth; questions: k answers of "
+          f"{args.q_new_tokens} tokens about one image,\n then that time over (1 + 0.3 k) batch-1 captions: "
+          "below 1 meets the target)")
 
     # token ids: every run of every implementation must agree with the first one
     match = {}
-    for key, what in (("ids_b1", "batch 1"), ("ids_batch", f"batch {args.batch}")):
+    checks = [("ids_b1", "batch 1", args.new_tokens)]
+    checks += [(f"ids_batch{b}", f"batch {b}", args.new_tokens) for b in args.batches]
+    checks += [(f"ids_q{max(args.ks)}", f"{max(args.ks)} questions", args.q_new_tokens)]
+    for key, what, n_new in checks:
         all_runs = [r for i in impls for r in ok_runs[i] if key in r]
         if not all_runs:
             match[key] = "no successful run"
         else:
             ref = all_runs[0]
-            diffs = [f"{r['impl']} rep {r['rep']}: {d}" for r in all_runs[1:] if (d := compare_ids(ref[key], r[key], args.new_tokens))]
+            diffs = [f"{r['impl']} rep {r['rep']}: {d}" for r in all_runs[1:] if (d := compare_ids(ref[key], r[key], n_new))]
             ran = [i for i in IMPLS if any(key in r for r in ok_runs.get(i, []))]
             if diffs:
                 match[key] = f"MISMATCH vs {ref['impl']} rep {ref['rep']}: " + "; ".join(diffs)
@@ -434,8 +608,10 @@ def main(argv=None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rec = dict(
         timestamp=stamp, command=sys.argv, machine=machine, checkpoint=dict(path=str(ckpt), bytes=size, **built),
-        settings=dict(dtype=args.dtype, threads=args.threads, reps=args.reps, batch=args.batch,
-                      new_tokens=args.new_tokens, warmup=args.warmup, only=args.only, tiny=args.tiny, layers=args.layers),
+        settings=dict(dtype=args.dtype, threads=args.threads, reps=args.reps, batches=args.batches,
+                      new_tokens=args.new_tokens, warmup=args.warmup, only=args.only, tiny=args.tiny, layers=args.layers,
+                      quantize=args.quantize, compile=args.compile, device=args.device, inner=args.inner,
+                      questions=args.ks, q_new_tokens=args.q_new_tokens, question_ids=QUESTIONS),
         summary=summary, token_ids_match=match, runs=runs,
     )
     path = args.results / f"{stamp}{'-tiny' if args.tiny else ''}.json"

@@ -13,6 +13,10 @@ decoder-only LM (OPT, prompt given as embeddings) and an encoder-decoder one (T5
     out = decode(session, input_ids, cfg)
 
 or in one call `generate(session, input_ids, gen_cfg, model_generation_config=..., **kwargs)`.
+
+`compile=True` (or a torch.compile mode such as "max-autotune") in the generation parameters runs
+each decode step as one compiled graph over the session's static KV cache (see OPTSession.compile);
+the prefill and the logits processors stay eager. Greedy ids are the same as eager decoding.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ FIELDS = (
     "compile_config", "disable_compile", "continuous_batching_config", "low_memory", "penalty_alpha",
     "dola_layers", "diversity_penalty", "num_beam_groups", "constraints", "force_words_ids",
     "prefill_chunk_size", "_from_model_config", "transformers_version",
+    "compile",  # blip2's own: True or a torch.compile mode runs the decode step compiled (never saved)
 )
 
 # What an unset field means at generate time (the reference's global defaults).
@@ -156,6 +161,7 @@ class GenerationConfig:
     def to_json_string(self, use_diff: bool = True) -> str:
         d = self.to_diff_dict() if use_diff else self.to_dict()
         d.pop("compile_config", None)
+        d.pop("compile", None)  # a run-time choice, not a property of the checkpoint
         return json.dumps(_str_keys(d), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
@@ -475,6 +481,8 @@ def decode(session: LMSession, input_ids: Tensor, cfg: GenerationConfig) -> Tens
     if session.batch_size != input_ids.shape[0]:
         raise ValueError(f"session has {session.batch_size} rows but input_ids has {input_ids.shape[0]}")
     procs = build_processors(cfg, T0, input_ids.device)
+    if cfg.compile:  # True: torch.compile's default mode; a string names the mode
+        session.compile(None if cfg.compile is True else str(cfg.compile))
     if (cfg.num_beams or 1) > 1:
         return _beam_search(session, input_ids, cfg, procs)
     return _sample(session, input_ids, cfg, procs)

@@ -16,6 +16,9 @@ An LMSession owns one KVCache per attention layer, sized once for the whole call
     s.reorder(index)              # rows <- rows[index]: beam reorder, or B -> B*k expansion
 
 Positions are host-side ints sliced from a preallocated arange, so a step does no host sync.
+
+    s.compile(mode)               # opt-in, before prefill: run step() under torch.compile
+                                  # (sessions that do not implement it raise NotImplementedError)
 """
 
 from __future__ import annotations
@@ -135,6 +138,10 @@ class LMSession:
 
     def step(self, tokens: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def compile(self, mode: str | None = None) -> None:
+        """Run the per-token step under torch.compile from now on (call before prefill)."""
+        raise NotImplementedError(f"{type(self).__name__} has no compiled decoding")
 
     def reorder(self, index: Tensor) -> None:
         index = index.to(self.caches[0].k.device)

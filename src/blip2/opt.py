@@ -271,10 +271,63 @@ class OPTSession(LMSession):
         self.embeds = self.prompt_mask = None  # no longer needed
         return self.lm.lm_head(x[:, -1])  # (B, V)
 
+    def compile(self, mode: str | None = None) -> None:
+        """Run step() as one torch.compile'd graph (CPU: inductor's C++; CUDA: Triton).
+
+        Every shape is made static: the capacity is rounded up to a multiple of COMPILE_BUCKET
+        (unwritten positions are masked out), so captions and short questions of different
+        lengths share one graph per batch size, and the position is a (1,) device tensor that
+        the graph advances in place, so the only host sync per step stays the sampled token.
+        """
+        if self.t:
+            raise RuntimeError("compile() must be called before prefill()")
+        cap = -(-self.capacity // COMPILE_BUCKET) * COMPILE_BUCKET
+        if cap != self.capacity:  # re-allocate the (still empty) buffers at the bucketed size
+            c0, B = self.caches[0].k, self.mask.shape[0]
+            self.capacity, self._arange = cap, torch.arange(cap, device=c0.device)
+            self.caches = [KVCache.empty(B, c0.shape[1], cap, c0.shape[3], c0.dtype, c0.device) for _ in self.caches]
+            mask = torch.zeros(B, cap, dtype=torch.bool, device=c0.device)
+            mask[:, : self.T] = self.mask[:, : self.T]
+            self.mask = mask
+        self._step_fn = _compiled_step(mode)
+        self._pos = None
+
     def step(self, tokens: Tensor) -> Tensor:
+        if getattr(self, "_step_fn", None) is not None:
+            self._advance(1)  # host-side bookkeeping and the capacity check only
+            if self._pos is None:  # one small host->device copy per call, not per step
+                self._pos = torch.full((1,), self.t - 1, dtype=torch.long, device=self.mask.device)
+            return self._step_fn(self.lm.model.decoder, self.lm.lm_head, tokens, self._pos, self.npos, self.mask, self.caches)
         pos = self._advance(1)
         self.mask[:, pos] = True  # columns past pos stay False: causality comes for free
         x = self.lm.model.decoder.embed_tokens(tokens[:, None])  # (B, 1, E_w)
         x, _, _ = self.lm.model.decoder.run(x, self.npos[:, None], self.mask[:, None, None, :], self.caches, pos)
         self.npos += 1
         return self.lm.lm_head(x[:, -1])
+
+
+# --- compiled decoding ---
+COMPILE_BUCKET = 64  # compiled sessions round their capacity up to this: fewer distinct graphs
+
+
+def _step_impl(dec: OPTDecoder, head: nn.Module, tokens: Tensor, pos: Tensor, npos: Tensor, mask: Tensor,
+               caches: list[KVCache]) -> Tensor:
+    """OPTSession.step as a pure function of its buffers: tokens (B,), pos (1,) the position to
+    write (advanced in place), npos (B,) per-row positions, mask (B, T_max) -> (B, V) logits."""
+    mask.index_fill_(1, pos, True)
+    x = dec.embed_tokens(tokens[:, None])  # (B, 1, E_w)
+    x, _, _ = dec.run(x, npos[:, None], mask[:, None, None, :], caches, pos)
+    npos.add_(1)
+    pos.add_(1)
+    return head(x[:, -1])
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_step(mode: str | None):
+    """One torch.compile wrapper per mode, shared by all sessions (dynamo caches graphs per
+    model and shape on it). dynamic=False: decode shapes are few and static code is faster."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_step_impl, mode=mode, dynamic=False)
+    return _COMPILED[mode]
