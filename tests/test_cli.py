@@ -189,9 +189,15 @@ def test_embed_equals_api(ckpts, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "q.npy"), want.numpy(), atol=1e-5)
     r = run("embed", paths[0], "--model", ckpts / "itm", "--output", tmp_path / "e.parquet")
     try:
-        import pyarrow  # noqa: F401
-        assert r.returncode == 0, r.stderr
+        import pyarrow.parquet as pq
     except ImportError:
+        pq = None
+    if pq is not None:  # one row per id: kind, shape and the flattened vector, equal to the .npy's
+        assert r.returncode == 0, r.stderr
+        t = pq.read_table(tmp_path / "e.parquet").to_pydict()
+        assert t["id"] == [str(paths[0])] and t["kind"] == ["image"]
+        np.testing.assert_allclose(np.array(t["embedding"][0]).reshape(t["shape"][0]), img[0], atol=1e-5)
+    else:
         assert r.returncode == 2 and "pyarrow" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -235,8 +241,9 @@ def test_model_errors(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no-such-blip2" in r.stderr and "huggingface-cli download" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = run("ask", img, "what?", "--model", "demo")
-    assert r.returncode == 2 and "the demo model is not shipped yet" in r.stderr and "Traceback" not in r.stderr
+    r = run("info", "demo", "--json")  # the shipped demo model resolves offline
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["architecture"] == "Blip2ForConditionalGeneration"
 
 
 def test_info_counts(ckpts):
@@ -257,3 +264,74 @@ def test_info_counts(ckpts):
     assert r.returncode == 0, r.stderr
     n = Blip2ForImageTextRetrieval.from_pretrained(ckpts / "itm").num_parameters()
     assert "Blip2ForImageTextRetrieval" in r.stdout and f"{n:,}" in r.stdout and n != m.num_parameters()
+
+
+# --- the shipped demo model: the README's first command and its neighbours ----------------------
+
+def _demo_truth():
+    from blip2 import demo
+
+    return demo.example_images(), json.loads((demo.DEMO_DIR / "examples" / "scenes.json").read_text())
+
+
+def test_demo_caption_shipped_examples():
+    """The README's first command: `blip2 caption --model demo` on the shipped examples gives the
+    Python API's captions, which name the scenes' shapes and colours."""
+    from blip2 import demo
+
+    paths, truth = _demo_truth()
+    r = run("caption", *paths, "--model", "demo", "--jsonl")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["path"] for x in recs] == [str(p) for p in paths]
+    want = _api_captions(demo.demo_checkpoint("captioning"), paths, max_new_tokens=30)
+    assert [x["text"] for x in recs] == want
+    for rec in recs:  # every caption is in the world's language: known colours and shapes only
+        assert sum(demo.parse_caption(rec["text"]).values()) >= 1, rec
+
+
+def test_demo_ask_answers():
+    from blip2 import demo
+
+    paths, truth = _demo_truth()
+    p = paths[0]
+    qs = list(truth[p.name]["questions"])[:4]
+    r = run("ask", p, *qs, "--model", "demo", "--jsonl")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["question"] for x in recs] == qs
+    d = demo.demo_checkpoint("captioning")
+    m, proc = Blip2ForConditionalGeneration.from_pretrained(d), Blip2Processor.from_pretrained(d)
+    for rec, q in zip(recs, qs):
+        inp = proc(images=load_image(str(p)), text=f"Question: {q} Answer:", return_tensors="pt")
+        out = m.generate(**inp, max_new_tokens=20)
+        assert rec["text"] == proc.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+        assert rec["text"] in ("zero", "one", "two", "three", *scenes.COLORS, *scenes.SHAPES, *scenes.SIZES), rec
+
+
+def test_demo_match_ranks_true_caption_first():
+    paths, truth = _demo_truth()
+    paths = paths[:4]
+    caps = [truth[p.name]["caption"] for p in paths]
+    r = run("match", *paths, "--text", *caps, "--model", "demo", "--jsonl")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(recs) == 16
+    for p, cap in zip(paths, caps):
+        mine = [x for x in recs if x["path"] == str(p)]
+        assert max(mine, key=lambda x: x["itm"])["text"] == cap
+        assert max(mine, key=lambda x: x["itc"])["text"] == cap
+
+
+def test_demo_embed_equals_api(tmp_path):
+    from blip2 import demo
+
+    paths, _ = _demo_truth()
+    r = run("embed", *paths[:3], "--model", "demo", "--output", tmp_path / "e.npy")
+    assert r.returncode == 0, r.stderr
+    d = demo.demo_checkpoint("retrieval")
+    vm = Blip2VisionModelWithProjection.from_pretrained(d)
+    p = Blip2Processor.from_pretrained(d)
+    with torch.no_grad():
+        want = vm(**p(images=[load_image(str(x)) for x in paths[:3]], return_tensors="pt")).image_embeds
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want.numpy(), atol=1e-5)

@@ -90,21 +90,22 @@ class Recipe:
         cross_attention_frequency=1, max_position_embeddings=64,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     opt: dict = field(default_factory=lambda: dict(
-        hidden_size=128, ffn_dim=512, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0))
+        hidden_size=128, ffn_dim=512, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=128, dropout=0.0, attention_dropout=0.0))
     num_query_tokens: int = 16
     embed_dim: int = 64  # ITC projection
     bpe_vocab: int = 384
     # step counts and learning rates per phase
     vit_epochs: int = 4
     vit_lr: float = 1e-3
-    lm_steps: int = 600
-    lm_lr: float = 2e-3
-    s1_steps: int = 1200
+    lm_steps: int = 2500
+    lm_doc_lines: int = 6  # lines per text document (one scene: its caption and QA lines, shuffled)
+    lm_lr: float = 3e-3
+    s1_steps: int = 2000
     s1_lr: float = 5e-4
     s1_batch: int = 48
-    s2_steps: int = 1500
-    s2_lr: float = 5e-4
+    s2_steps: int = 2500
+    s2_lr: float = 1e-3
     s2_batch: int = 32
     s2_qa_per_scene: int = 3  # question/answer lines per training scene used in stage 2 (plus its caption)
 
@@ -118,12 +119,32 @@ def _log(msg: str) -> None:
 
 # --- text -------------------------------------------------------------------------------------
 
+def scene_lines(s: scenes.Scene) -> list[str]:
+    """The caption and every "Question: ... Answer: ..." line of a scene."""
+    return [scenes.caption(s)] + [QA_PROMPT.format(q=q) + " " + a for q, a in scenes.questions(s)]
+
+
 def corpus(scs: list[scenes.Scene]) -> list[str]:
-    """Every caption and every "Question: ... Answer: ..." line of the scenes."""
+    return [line for s in scs for line in scene_lines(s)]
+
+
+def documents(scs: list[scenes.Scene], n_lines: int, seed: int) -> list[list[str]]:
+    """One text document per scene: its caption, then n_lines - 1 of its QA lines in a random
+    order, and in half of the documents the caption restated at a random later point.
+
+    A language model trained on these learns what any LM learns from real documents: to use what
+    the earlier lines said (a colour named in the caption answers a later question; a restated
+    description copies the earlier one). Each line is its own [BOS] ... [EOS] segment, so the
+    stage-2 input "[image queries] [BOS] line [EOS]" has the shape of "[earlier lines] [BOS] line
+    [EOS]", with the queries standing in for the earlier lines."""
+    rng = np.random.default_rng(seed)
     out = []
     for s in scs:
-        out.append(scenes.caption(s))
-        out += [QA_PROMPT.format(q=q) + " " + a for q, a in scenes.questions(s)]
+        cap, *qa = scene_lines(s)
+        doc = [cap] + [qa[i] for i in rng.permutation(len(qa))[:n_lines - 1]]
+        if rng.random() < 0.5:
+            doc.insert(int(rng.integers(2, len(doc) + 1)), cap)
+        out.append(doc)
     return out
 
 
@@ -140,8 +161,10 @@ def build_opt_tokenizer(texts: list[str], d: Path, vocab_size: int) -> Blip2Toke
     tk.train_from_iterator(texts, trainer)
     d.mkdir(parents=True, exist_ok=True)
     tk.model.save(str(d))  # vocab.json, merges.txt
+    # left padding: batched prompts for generate() end where the new tokens start
     cfg = dict(tokenizer_class="GPT2Tokenizer", add_bos_token=True, add_prefix_space=False, errors="replace",
-               bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=64)
+               padding_side="left",
+               bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=128)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return Blip2Tokenizer.from_pretrained(d)
 
@@ -263,13 +286,14 @@ def _fan_in_reinit(m: nn.Module) -> None:
 
 # --- the language model -----------------------------------------------------------------------
 
-def pretrain_lm(r: Recipe, tok: Blip2Tokenizer, texts: list[str]) -> OPTForCausalLM:
+def pretrain_lm(r: Recipe, tok: Blip2Tokenizer, docs: list[list[str]]) -> OPTForCausalLM:
     V = len(tok)  # includes <image>, which text never uses
     cfg = OPTConfig(**r.opt, vocab_size=V, word_embed_proj_dim=r.opt["hidden_size"], pad_token_id=tok.pad_token_id,
                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(r.seed + 1)
     lm = OPTForCausalLM(cfg)
-    rows = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]  # [BOS] text [EOS]
+    Lmax = r.opt["max_position_embeddings"]
+    rows = [sum((tok(t)["input_ids"] + [tok.eos_token_id] for t in doc), [])[:Lmax] for doc in docs]  # [BOS] line [EOS] ...
     L = max(len(x) for x in rows)
     ids = torch.full((len(rows), L), tok.pad_token_id)
     for i, x in enumerate(rows):
@@ -295,6 +319,21 @@ def pretrain_lm(r: Recipe, tok: Blip2Tokenizer, texts: list[str]) -> OPTForCausa
         if (step + 1) % 100 == 0 or step + 1 == r.lm_steps:
             _log(f"language step {step + 1}/{r.lm_steps} loss {loss.item():.4f}")
     return lm.eval()
+
+
+@torch.no_grad()
+def lm_reads_context(lm: OPTForCausalLM, tok: Blip2Tokenizer, scs: list[scenes.Scene]) -> float:
+    """Share of questions the text-only LM answers right (greedy first token) when the scene's
+    caption is the line before: how well it uses context, which stage 2 relies on."""
+    ok = n = 0
+    for s in scs:
+        ctx = tok(scenes.caption(s))["input_ids"] + [tok.eos_token_id]
+        for q, a in scenes.questions(s):
+            ids = torch.tensor([ctx + tok(QA_PROMPT.format(q=q))["input_ids"]])
+            want = tok(" " + a, add_special_tokens=False)["input_ids"][0]
+            ok += int(lm(input_ids=ids).logits[0, -1].argmax()) == want
+            n += 1
+    return ok / n
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -323,7 +362,7 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     r = recipe or Recipe()
     torch.set_flush_denormal(True)
     t0 = time.perf_counter()
-    out, work = Path(out_dir), Path(work_dir) if work_dir else Path(out_dir).parent / "demo-work"
+    out, work = Path(out_dir), Path(work_dir) if work_dir else Path.cwd() / "demo-work"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -350,9 +389,11 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     vit.save_pretrained(work / "vision")  # the frozen image encoder, loadable on its own
     lap("vision")
     # 4. language
-    lm = pretrain_lm(r, cap_proc.tokenizer, texts)
+    lm = pretrain_lm(r, cap_proc.tokenizer, documents(scs, r.lm_doc_lines, r.seed))
     lm.save_pretrained(work / "language")
     cap_proc.tokenizer.save_pretrained(work / "language")
+    lm_context = lm_reads_context(lm, cap_proc.tokenizer, scenes.dataset(30, seed=HELDOUT_SEED + 2))
+    _log(f"language model answers {lm_context:.1%} of held-out questions from a caption in context")
     lap("language")
     # 5. stage 1
     qf = dict(r.qformer, vocab_size=len(ret_proc.tokenizer), encoder_hidden_size=vit.config.hidden_size,
@@ -405,9 +446,10 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     _write_examples(out / "examples", examples)
     lap("ship")
     figures = evaluate(out / "captioning", out / "retrieval", n=eval_scenes)
+    figures.pop("captions")
     lap("eval")
     record = dict(figures=figures, seconds=times, total_seconds=round(time.perf_counter() - t0, 1),
-                  stage1_final_loss=res1.losses[-1], stage2_final_loss=res2.losses[-1],
+                  lm_answers_from_context=round(lm_context, 4), stage1_final_loss=res1.losses[-1], stage2_final_loss=res2.losses[-1],
                   recipe=asdict(r), torch=torch.__version__, threads=torch.get_num_threads())
     (out / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     _log(f"built in {record['total_seconds']} s: {json.dumps(figures)}")
@@ -450,33 +492,41 @@ def question_type(q: str) -> str:
 
 
 @torch.no_grad()
+def generate_captions(model, proc, images: list, batch: int = 50) -> list[str]:
+    """Greedy captions (no prompt), in the model's dtype."""
+    out = []
+    for i in range(0, len(images), batch):
+        inp = proc(images=images[i:i + batch], return_tensors="pt").to(dtype=model.dtype)
+        ids = model.generate(**inp, max_new_tokens=30, num_beams=1, do_sample=False)
+        out += [t.strip() for t in proc.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
+@torch.no_grad()
 def evaluate(captioning_dir: str | Path | None = None, retrieval_dir: str | Path | None = None, n: int = 200,
-             seed: int = HELDOUT_SEED, batch: int = 50) -> dict:
-    """The four quality figures on n held-out scenes (fixed seed), fp32, greedy decoding."""
+             seed: int = HELDOUT_SEED, batch: int = 50, dtype: torch.dtype = torch.float32,
+             quantize: str | None = None) -> dict:
+    """The four quality figures on n held-out scenes (fixed seed), greedy decoding; fp32 unless
+    dtype / quantize (the captioning model's language model) say otherwise."""
     cap_dir = Path(captioning_dir) if captioning_dir else demo_checkpoint("captioning")
     ret_dir = Path(retrieval_dir) if retrieval_dir else demo_checkpoint("retrieval")
     scs = scenes.dataset(n, seed=seed)
     images = [scenes.render(s) for s in scs]
     out: dict = {"scenes": n, "seed": seed}
 
-    model = Blip2ForConditionalGeneration.from_pretrained(cap_dir, dtype=torch.float32)
+    model = Blip2ForConditionalGeneration.from_pretrained(cap_dir, dtype=dtype, quantize=quantize)
     proc = Blip2Processor.from_pretrained(cap_dir)
-    ok = exact = 0
-    for i in range(0, n, batch):
-        inp = proc(images=images[i:i + batch], return_tensors="pt")
-        ids = model.generate(**inp, max_new_tokens=30, num_beams=1, do_sample=False)
-        for s, text in zip(scs[i:i + batch], proc.batch_decode(ids, skip_special_tokens=True)):
-            ok += parse_caption(text) == _truth(s)
-            exact += text.strip() == scenes.caption(s)
-    out["caption_objects_correct"] = ok / n
-    out["caption_exact"] = exact / n
+    caps = generate_captions(model, proc, images, batch)
+    out["captions"] = caps
+    out["caption_objects_correct"] = sum(parse_caption(c) == _truth(s) for c, s in zip(caps, scs)) / n
+    out["caption_exact"] = sum(c == scenes.caption(s) for c, s in zip(caps, scs)) / n
 
     right: Counter = Counter()
     total: Counter = Counter()
     for i in range(0, n, batch):
         qs = [(j, q, a) for j in range(i, min(n, i + batch)) for q, a in scenes.questions(scs[j])]
         inp = proc(images=[images[j] for j, _, _ in qs], text=[QA_PROMPT.format(q=q) for _, q, _ in qs],
-                   return_tensors="pt", padding=True)
+                   return_tensors="pt", padding=True).to(dtype=dtype)
         ids = model.generate(**inp, max_new_tokens=4, num_beams=1, do_sample=False)
         L = inp["input_ids"].shape[1]
         answers = proc.batch_decode(ids[:, L:] if ids.shape[1] > L else ids, skip_special_tokens=True)
@@ -494,12 +544,13 @@ def evaluate(captioning_dir: str | Path | None = None, retrieval_dir: str | Path
     rproc = Blip2Processor.from_pretrained(ret_dir)
     caps = [scenes.caption(s) for s in scs]
     hits = trials = 0
-    for i in range(0, n - 99, 100):  # text -> image among 100 images (ITC)
-        inp = rproc(images=images[i:i + 100], text=caps[i:i + 100], return_tensors="pt", padding=True)
+    G = min(100, n)
+    for i in range(0, n - G + 1, G):  # text -> image among 100 images (ITC)
+        inp = rproc(images=images[i:i + G], text=caps[i:i + G], return_tensors="pt", padding=True)
         sim = ret(**inp, use_image_text_matching_head=False).logits_per_text  # (100 texts, 100 images)
         top = sim.argmax(dim=1)
         hits += sum(caps[i + int(t)] == caps[i + k] for k, t in enumerate(top))  # an identical caption is a match
-        trials += 100
+        trials += G
     out["itc_text_to_image_r1"] = hits / trials
     # ITM: each image with its caption and with the caption of another scene (a different one)
     g = np.random.default_rng(seed)
@@ -520,6 +571,19 @@ def evaluate(captioning_dir: str | Path | None = None, retrieval_dir: str | Path
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def quantization_quality(n: int = 200, seed: int = HELDOUT_SEED) -> dict:
+    """Captions of the shipped captioning model in bf16 vs with its language model in int8 / int4
+    (bf16 activations): the share of held-out scenes with identical captions, and each one's figures."""
+    rec = {}
+    base = evaluate(n=n, seed=seed, dtype=torch.bfloat16)
+    rec["bfloat16"] = {k: v for k, v in base.items() if k != "captions"}
+    for q in ("int8", "int4"):
+        r = evaluate(n=n, seed=seed, dtype=torch.bfloat16, quantize=q)
+        same = sum(a == b for a, b in zip(r.pop("captions"), base["captions"])) / n
+        rec[q] = dict(r, captions_identical_to_bf16=round(same, 4))
+    return rec
+
+
 # --- command line -----------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train the demo model from scratch")
     b.add_argument("--output", default=str(DEMO_DIR))
-    b.add_argument("--work-dir", default=None, help="data and intermediate checkpoints (default: next to --output)")
+    b.add_argument("--work-dir", default=None, help="data and intermediate checkpoints (default: ./demo-work)")
     b.add_argument("--quick", action="store_true", help="a few steps of everything: checks the pipeline, not the quality")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields")
@@ -535,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--captioning", default=None)
     e.add_argument("--retrieval", default=None)
     e.add_argument("-n", type=int, default=200)
+    e.add_argument("--quantized", action="store_true", help="bf16 vs int8 / int4 language model (shipped model)")
     a = ap.parse_args(argv)
     if a.cmd == "build":
         kw = dict(QUICK) if a.quick else {}
@@ -546,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
         rec = build(a.output, a.work_dir, Recipe(**kw))
         print(json.dumps(rec["figures"], indent=2))
     else:
-        print(json.dumps(evaluate(a.captioning, a.retrieval, n=a.n), indent=2))
+        if a.quantized:
+            print(json.dumps(quantization_quality(n=a.n), indent=2))
+        else:
+            fig = evaluate(a.captioning, a.retrieval, n=a.n)
+            fig.pop("captions")
+            print(json.dumps(fig, indent=2))
     return 0
 
 

@@ -1,0 +1,134 @@
+"""The shipped demo model (blip2.demo): its quality on held-out scenes, that transformers reads it
+and captions the same, and that the from-scratch recipe runs end to end."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, scenes
+from blip2 import demo
+from blip2.demo import demo_checkpoint
+
+
+def test_demo_checkpoint_names():
+    assert demo_checkpoint("captioning").name == "captioning"
+    assert (demo_checkpoint("retrieval") / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="captioning"):
+        demo_checkpoint("nope")
+
+
+def test_shipped_size_under_20mb():
+    total = sum(p.stat().st_size for p in demo.DEMO_DIR.rglob("*") if p.is_file())
+    assert total < 20 * 2**20, total
+
+
+def test_patch_targets_cover_the_object():
+    o = scenes.Obj("square", "red", "large", 0.5, 0.5, scenes.COLORS["red"])
+    s = scenes.Scene((o,), "white", 0)
+    t = demo.patch_targets(s, grid=8)  # (64, 25)
+    assert t.shape == (64, 25)
+    torch.testing.assert_close(torch.from_numpy(t.sum(1)), torch.ones(64))
+    k = 1 + demo.KINDS.index(("square", "red", "large"))
+    assert t[3 * 8 + 3, k] == 1.0 and t[4 * 8 + 4, k] == 1.0  # centre patches: inside the square
+    assert t[0, 0] == 1.0  # corner: background
+    assert t[:, k].sum() == pytest.approx((2 * 0.17 * 0.82) ** 2 * 64, rel=0.1)  # the square's area
+
+
+def test_parse_caption():
+    c = demo.parse_caption("two small red circles, a large blue square and a small red circle")
+    assert c == {("red", "circle"): 3, ("blue", "square"): 1}
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return demo.evaluate()  # the shipped checkpoints, 200 held-out scenes
+
+
+def test_quality_record_matches(quality):
+    """The figures written at build time (and quoted in the README) are what the shipped files give
+    on the 200 held-out scenes."""
+    rec = json.loads((demo.DEMO_DIR / "quality.json").read_text())["figures"]
+    for k in ("caption_objects_correct", "vqa_color_shape_count", "itc_text_to_image_r1", "itm_accuracy"):
+        assert quality[k] == pytest.approx(rec[k], abs=0.011), k
+    # far above chance on every figure (chance: captions ~0, VQA ~0.3, R@1 ~0.02, ITM 0.5)
+    assert quality["caption_objects_correct"] > 0.3 and quality["vqa_color_shape_count"] > 0.6
+    assert quality["itc_text_to_image_r1"] > 0.85 and quality["itm_accuracy"] > 0.9
+
+
+def test_examples_have_their_scenes():
+    truth = json.loads((demo.DEMO_DIR / "examples" / "scenes.json").read_text())
+    paths = demo.example_images()
+    assert [p.name for p in paths] == sorted(truth) and len(paths) >= 4
+    for p, s in zip(paths, scenes.dataset(len(paths), seed=demo.HELDOUT_SEED + 1)):
+        assert truth[p.name]["caption"] == scenes.caption(s)
+
+
+def _held_out(n, seed=7):
+    return [scenes.render(s) for s in scenes.dataset(n, seed=seed)]
+
+
+def test_captioning_checkpoint_in_transformers():
+    """transformers 5.8.0 loads the shipped captioning checkpoint and its processor and produces
+    the same token ids, greedy and beam, on held-out scenes."""
+    import transformers as hf
+
+    d = demo_checkpoint("captioning")
+    images = _held_out(6)
+    theirs = hf.Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    hproc = hf.Blip2Processor.from_pretrained(d)
+    ours = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.float32)
+    proc = Blip2Processor.from_pretrained(d)
+    prompts = [None, "Question: how many objects are there? Answer:"]
+    for prompt in prompts:
+        kw = {} if prompt is None else dict(text=[prompt] * len(images))
+        a = proc(images=images, return_tensors="pt", **kw)
+        b = hproc(images=images, return_tensors="pt", **kw)
+        assert set(a) == set(b)
+        if "input_ids" in a:
+            assert torch.equal(a["input_ids"], b["input_ids"])
+        torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
+        for gen in (dict(num_beams=1), dict(num_beams=3)):
+            with torch.no_grad():
+                x = ours.generate(**a, max_new_tokens=30, **gen)
+                y = theirs.generate(**b, max_new_tokens=30, **gen)
+            assert x.tolist() == y.tolist(), (prompt, gen)
+    assert proc.batch_decode(x, skip_special_tokens=True) == hproc.batch_decode(y, skip_special_tokens=True)
+
+
+def test_retrieval_checkpoint_in_transformers():
+    import transformers as hf
+
+    d = demo_checkpoint("retrieval")
+    scs = scenes.dataset(5, seed=11)
+    images = [scenes.render(s) for s in scs]
+    caps = [scenes.caption(s) for s in scs]
+    theirs = hf.Blip2ForImageTextRetrieval.from_pretrained(d, dtype=torch.float32).eval()
+    hproc = hf.Blip2Processor.from_pretrained(d)
+    ours = Blip2ForImageTextRetrieval.from_pretrained(d, dtype=torch.float32)
+    proc = Blip2Processor.from_pretrained(d)
+    a = proc(images=images, text=caps, return_tensors="pt", padding=True)
+    b = hproc(images=images, text=caps, return_tensors="pt", padding=True)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    with torch.no_grad():
+        for itm in (True, False):
+            x = ours(**a, use_image_text_matching_head=itm).logits_per_image
+            y = theirs(**b, use_image_text_matching_head=itm).logits_per_image
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
+
+
+def test_quick_build_runs_end_to_end(tmp_path):
+    """The reproduce command's pipeline on a few steps of each phase: it writes loadable
+    checkpoints in the shipped layout (quality is the shipped model's test above)."""
+    rec = demo.build(tmp_path / "demo", tmp_path / "work", demo.Recipe(**demo.QUICK), examples=2, eval_scenes=20)
+    for name in demo.NAMES:
+        d = tmp_path / "demo" / name
+        assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= {p.name for p in d.iterdir()}
+    assert set(rec["seconds"]) == {"data", "tokenizers", "vision", "language", "stage1", "stage2", "ship", "eval"}
+    m = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "demo" / "captioning")
+    r = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "demo" / "retrieval")
+    # the shipped layout: same config shape as the real demo
+    assert m.config.num_query_tokens == demo.Recipe().num_query_tokens
+    assert r.config.qformer_config.use_qformer_text_input
+    assert len(list((tmp_path / "demo" / "examples").glob("*.png"))) == 2
