@@ -2,7 +2,6 @@
 and captions the same, and that the from-scratch recipe runs end to end."""
 
 import json
-import random
 
 import pytest
 import torch

@@ -418,9 +418,8 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     for exs in by_image.values():
         s2_data += [exs[i] for i in g.choice(len(exs), size=min(r.s2_qa_per_scene, len(exs)), replace=False)]
     tcfg = lm.config.to_dict()
-    s2cfg = Blip2Config(vision_config=vit.config.to_dict(), qformer_config=dict(r.qformer, encoder_hidden_size=vit.config.hidden_size,
-                        vocab_size=len(ret_proc.tokenizer)), text_config=tcfg, num_query_tokens=r.num_query_tokens,
-                        image_token_index=cap_proc.image_token_id)
+    s2cfg = Blip2Config(vision_config=vit.config.to_dict(), qformer_config=dict(qf, use_qformer_text_input=False),
+                        text_config=tcfg, num_query_tokens=r.num_query_tokens, image_token_index=cap_proc.image_token_id)
     torch.manual_seed(r.seed + 3)
     s2 = Blip2ForConditionalGeneration(s2cfg)
     missing, unexpected = s2.load_state_dict(s1.state_dict(), strict=False)
@@ -529,7 +528,7 @@ def evaluate(captioning_dir: str | Path | None = None, retrieval_dir: str | Path
                    return_tensors="pt", padding=True).to(dtype=dtype)
         ids = model.generate(**inp, max_new_tokens=4, num_beams=1, do_sample=False)
         L = inp["input_ids"].shape[1]
-        answers = proc.batch_decode(ids[:, L:] if ids.shape[1] > L else ids, skip_special_tokens=True)
+        answers = proc.batch_decode(ids[:, L:], skip_special_tokens=True)  # OPT returns prompt + new tokens
         for (_, q, a), got in zip(qs, answers):
             t = question_type(q)
             total[t] += 1
