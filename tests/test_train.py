@@ -277,3 +277,34 @@ def test_t5_stage2(data_dir, tmp_path):
                 _cfg(tmp_path, stage="stage2", lr=1e-2, max_steps=20, log_every=0))
     assert sum(res.losses[-3:]) / 3 < 0.9 * sum(res.losses[:3]) / 3, res.losses
     assert _same(lm0, _sd(m.language_model))
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_cached_image_embeds(data_dir, tmp_path, stage):
+    """cache_image_embeds: the frozen encoder runs once per image, and training follows the
+    uncached run (same losses to float rounding, same frozen parts)."""
+    if stage == "stage1":
+        proc, make = qformer_processor(), stage1_model
+    else:
+        proc = opt_processor()
+        make = lambda: stage2_model(proc)  # noqa: E731
+    data = read_jsonl(data_dir / "captions.jsonl")  # 16 images
+    kw = dict(stage=stage, batch_size=8, max_steps=6, log_every=0)
+
+    a = make()
+    ra = train(a, proc, data, _cfg(tmp_path / "a", **kw))
+    b = make()
+    runs = []
+    b.vision_model.embeddings.register_forward_hook(lambda mod, inp, out: runs.append(out.shape[0]))
+    store = {}
+    rb = train(b, proc, data, _cfg(tmp_path / "b", **kw, cache_image_embeds=True), embed_cache=store)
+    assert sum(runs) == len(data) and len(store) == len(data)  # 6 steps x 8 = 3 epochs, each image encoded once
+    assert torch.allclose(torch.tensor(ra.losses), torch.tensor(rb.losses), rtol=1e-4, atol=1e-5)
+    sa, sb = _sd(a), _sd(b)
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
+    # the cache is a training detail: the model's forward is its own again afterwards
+    assert "forward" not in vars(b.vision_model)
+    runs.clear()
+    px = torch.randn(2, 3, PX, PX)
+    assert torch.equal(b.vision_model(pixel_values=px).last_hidden_state, a.vision_model(pixel_values=px).last_hidden_state)
+    assert runs == [2]

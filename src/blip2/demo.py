@@ -235,7 +235,8 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_vision(r: Recipe, scs: list[scenes.Scene], pixels: torch.Tensor) -> Blip2VisionModel:
+def pretrain_vision(r: Recipe, scs: list[scenes.Scene], pixels: torch.Tensor) -> tuple[Blip2VisionModel, VisionHeads]:
+    """-> the trained ViT (eval mode) and its pre-training heads (for vision_probe)."""
     cfg = Blip2VisionConfig(**r.vision, image_size=r.image_size, patch_size=r.patch_size)
     torch.manual_seed(r.seed)
     vit = Blip2VisionModel(cfg)
@@ -266,7 +267,28 @@ def pretrain_vision(r: Recipe, scs: list[scenes.Scene], pixels: torch.Tensor) ->
             step += 1
             if step % 100 == 0 or step == total:
                 _log(f"vision step {step}/{total} loss {loss.item():.4f}")
-    return vit.eval()
+    return vit.eval(), heads.eval()
+
+
+@torch.no_grad()
+def vision_probe(vit: Blip2VisionModel, heads: VisionHeads, scs: list[scenes.Scene], pixels: torch.Tensor) -> dict:
+    """How well the pre-trained ViT sees held-out scenes, through its own heads: the share of
+    object patches (more than half covered by one object) whose predicted kind has the right
+    shape / colour / size, and the share of scenes with every count right. Everything later
+    stages learn about the image passes through these features."""
+    grid = vit.config.image_size // vit.config.patch_size
+    h = vit(pixel_values=pixels.float()).last_hidden_state
+    pred = heads.patch(h[:, 1:]).argmax(-1)  # (B, N)
+    pt = torch.from_numpy(np.stack([patch_targets(s, grid) for s in scs]))
+    tgt = pt.argmax(-1)
+    obj = (tgt > 0) & (pt.max(-1).values > 0.5)
+    out = {}
+    for i, name in enumerate(("shape", "color", "size")):
+        attr = torch.tensor([-1] + [(scenes.SHAPES, list(scenes.COLORS), scenes.SIZES)[i].index(k[i]) for k in KINDS])
+        out[f"patch_{name}"] = round(float((attr[pred] == attr[tgt])[obj].float().mean()), 4)
+    counts = heads.count(h[:, 0]).view(len(scs), len(COUNT_HEADS), 4).argmax(-1)
+    out["counts"] = round(float((counts == torch.tensor([count_targets(s) for s in scs])).all(1).float().mean()), 4)
+    return out
 
 
 @torch.no_grad()
@@ -347,11 +369,14 @@ def _processors(r: Recipe, work: Path, texts: list[str]) -> tuple[Blip2Processor
     return cap, ret
 
 
-def _pixels(ip: BlipImageProcessor, paths: list[Path]) -> torch.Tensor:
-    out = torch.empty(len(paths), 3, ip.size["height"], ip.size["width"], dtype=torch.float16)
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            out[i] = ip(im.convert("RGB"), return_tensors="pt")["pixel_values"][0].half()
+def _pixels(ip: BlipImageProcessor, images: list) -> torch.Tensor:
+    """Preprocessed pixels (N, 3, H, W) in fp16 of image paths or PIL images."""
+    out = torch.empty(len(images), 3, ip.size["height"], ip.size["width"], dtype=torch.float16)
+    for i, im in enumerate(images):
+        if isinstance(im, (str, Path)):
+            with Image.open(im) as f:
+                im = f.convert("RGB")
+        out[i] = ip(im, return_tensors="pt")["pixel_values"][0].half()
     return out
 
 
@@ -385,8 +410,11 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     # 3. vision
     captions = read_jsonl(cap_path, check_images=False)
     pixels = _pixels(cap_proc.image_processor, [ex.image for ex in captions])
-    vit = pretrain_vision(r, scs, pixels)
+    vit, heads = pretrain_vision(r, scs, pixels)
     vit.save_pretrained(work / "vision")  # the frozen image encoder, loadable on its own
+    held = scenes.dataset(200, seed=HELDOUT_SEED + 2)
+    probe = vision_probe(vit, heads, held, _pixels(cap_proc.image_processor, [scenes.render(s) for s in held]))
+    _log(f"vision probe on held-out scenes: {probe}")
     lap("vision")
     # 4. language
     lm = pretrain_lm(r, cap_proc.tokenizer, documents(scs, r.lm_doc_lines, r.seed))
@@ -403,10 +431,13 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     torch.manual_seed(r.seed + 2)
     s1 = Blip2QFormerForPretraining(s1cfg)
     s1.vision_model.load_state_dict(vit.state_dict())
-    cache = {ex.image: px.float() for ex, px in zip(captions, pixels)}  # decoded once, shared by both stages
+    # pixels decoded once and the frozen ViT run once per image, both shared by the two stages
+    cache = {ex.image: px.float() for ex, px in zip(captions, pixels)}
+    embeds: dict = {}
     tc1 = TrainConfig(stage="stage1", lr=r.s1_lr, warmup_steps=50, batch_size=r.s1_batch, max_steps=r.s1_steps,
-                      seed=r.seed, output_dir=str(work / "stage1"), log_every=50, cache_images=True, weight_decay=0.05)
-    res1 = train(s1, ret_proc, captions, tc1, image_cache=cache)
+                      seed=r.seed, output_dir=str(work / "stage1"), log_every=50, cache_images=True,
+                      cache_image_embeds=True, weight_decay=0.05)
+    res1 = train(s1, ret_proc, captions, tc1, image_cache=cache, embed_cache=embeds)
     lap("stage1")
     # 6. stage 2
     qa = read_jsonl(qa_path, check_images=False)
@@ -427,8 +458,8 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     s2.language_model.load_state_dict(lm.state_dict())
     tc2 = TrainConfig(stage="stage2", lr=r.s2_lr, warmup_steps=50, batch_size=r.s2_batch, max_steps=r.s2_steps,
                       seed=r.seed, output_dir=str(work / "stage2"), log_every=50, cache_images=True,
-                      max_length=40, qa_prompt=QA_PROMPT)
-    res2 = train(s2, cap_proc, s2_data, tc2, image_cache=cache)
+                      cache_image_embeds=True, max_length=40, qa_prompt=QA_PROMPT)
+    res2 = train(s2, cap_proc, s2_data, tc2, image_cache=cache, embed_cache=embeds)
     lap("stage2")
     # 7. ship
     out.mkdir(parents=True, exist_ok=True)
@@ -448,7 +479,7 @@ def build(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None, re
     figures.pop("captions")
     lap("eval")
     record = dict(figures=figures, seconds=times, total_seconds=round(time.perf_counter() - t0, 1),
-                  lm_answers_from_context=round(lm_context, 4), stage1_final_loss=res1.losses[-1], stage2_final_loss=res2.losses[-1],
+                  vision_probe=probe, lm_answers_from_context=round(lm_context, 4), stage1_final_loss=res1.losses[-1], stage2_final_loss=res2.losses[-1],
                   recipe=asdict(r), torch=torch.__version__, threads=torch.get_num_threads())
     (out / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     _log(f"built in {record['total_seconds']} s: {json.dumps(figures)}")

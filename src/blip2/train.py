@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .image_processing import ImageLoadError, load_image
+from .outputs import BaseModelOutputWithPooling
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 STATE_NAME = "trainer_state.pt"
@@ -189,6 +190,7 @@ class TrainConfig:
     prompt: str = ""  # prompt before a caption (stage 2 / caption)
     qa_prompt: str = "Question: {q} Answer:"
     cache_images: bool = False  # keep each preprocessed image in memory (3*H*W floats each) after first use
+    cache_image_embeds: bool = False  # run the frozen image encoder once per image and keep its output
     flush_denormal: bool = True  # CPU: tiny gradients as denormal floats make matmuls several times slower
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with the state
 
@@ -292,6 +294,43 @@ def lm_batch(examples: list[Example], processor, cfg: TrainConfig, model_config,
     return out
 
 
+class EncoderCache:
+    """Memoises a frozen image encoder's output per image, keyed by the image's path.
+
+    The encoder never trains and stays in eval mode, so an image's output is the same at every
+    step: after the first epoch a step costs only the Q-Former (and the frozen LM). Costs
+    (1+N)*C floats per image. Set `keys` to the batch's image paths before each forward; calls
+    that ask for attentions or hidden states, or come without keys, run the encoder as usual.
+    (A resumed run recomputes its cache; outputs computed in other batches can differ in the last
+    bits, so exact resume holds with this cache off.)"""
+
+    def __init__(self, vision_model: nn.Module, store: dict | None = None):
+        self.vm, self.store, self.keys = vision_model, {} if store is None else store, None
+
+    def __enter__(self) -> "EncoderCache":
+        run = self.vm.forward
+
+        def forward(pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kw):
+            keys = self.keys
+            if keys is None or output_attentions or output_hidden_states or len(keys) != len(pixel_values):
+                return run(pixel_values=pixel_values, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, return_dict=return_dict, **kw)
+            todo = [i for i, k in enumerate(keys) if k not in self.store]
+            if todo:
+                h = run(pixel_values=pixel_values[todo], return_dict=True, **kw).last_hidden_state
+                for i, x in zip(todo, h):
+                    self.store[keys[i]] = x
+            x = torch.stack([self.store[k] for k in keys])  # (B, 1+N, C)
+            out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=self.vm.post_layernorm(x[:, 0]))
+            return out if return_dict is not False else out.to_tuple()
+
+        self.vm.forward = forward  # instance attribute: nn.Module.__call__ finds it first
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.vm.forward
+
+
 # --- freezing, optimizer, schedule ------------------------------------------------------------
 
 def frozen_parts(model: nn.Module, stage: str) -> list[nn.Module]:
@@ -391,7 +430,8 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 # --- the loop ---------------------------------------------------------------------------------
 
 def train(model: nn.Module, processor, data: list[Example], cfg: TrainConfig,
-          resume_from: str | os.PathLike | None = None, image_cache: dict | None = None) -> TrainResult:
+          resume_from: str | os.PathLike | None = None, image_cache: dict | None = None,
+          embed_cache: dict | None = None) -> TrainResult:
     """Train `model` in place on `data` (Examples, e.g. from read_jsonl) and return a TrainResult.
 
     model: Blip2QFormerForPretraining for stage 1, Blip2ForConditionalGeneration otherwise.
@@ -400,6 +440,8 @@ def train(model: nn.Module, processor, data: list[Example], cfg: TrainConfig,
     or "latest" for the newest one in cfg.output_dir.
     image_cache: a dict {image path: preprocessed (3, H, W) tensor} to use and fill, e.g. shared
     by the runs of several stages (cfg.cache_images alone keeps a cache for this run only).
+    embed_cache: with cfg.cache_image_embeds, a dict {image path: frozen encoder output} to use
+    and fill; share it only between runs whose image encoders have the same weights.
     """
     if cfg.stage == "stage1" and not hasattr(model, "itg_head"):
         raise TypeError("stage 1 trains a Blip2QFormerForPretraining")
@@ -467,37 +509,45 @@ def train(model: nn.Module, processor, data: list[Example], cfg: TrainConfig,
                     rng=_rng_state(gens), config=asdict(cfg))
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    enc = EncoderCache(model.vision_model, embed_cache).__enter__() if cfg.cache_image_embeds else None
     last_ckpt, t0, seen, t_log, seen_log = None, time.perf_counter(), 0, time.perf_counter(), 0
-    while step < total:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            b = {k: v.to(device) for k, v in batch_for(next_examples()).items()}
-            with _autocast(device, cfg):
-                if cfg.stage == "stage1":
-                    loss = model(**b, generator=neg_gen)["loss"]
-                else:
-                    loss = model(**b, return_dict=True).loss
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
-            seen += b["pixel_values"].shape[0]
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        losses.append(step_loss)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step}; lower the lr or check the data")
-        if cfg.log_every and (step % cfg.log_every == 0 or step == total):
-            now = time.perf_counter()
-            ips = (seen - seen_log) / max(now - t_log, 1e-9)
-            t_log, seen_log = now, seen
-            bar = "#" * int(20 * step / total)
-            print(f"[{bar:<20}] step {step}/{total} loss {step_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                  f"{ips:.1f} img/s", file=sys.stderr, flush=True)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-            last_ckpt = save_checkpoint(out_dir / f"checkpoint-{step}", model, processor, state_dict())
+    try:
+        while step < total:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                exs = next_examples()
+                if enc is not None:
+                    enc.keys = [ex.image for ex in exs]
+                b = {k: v.to(device) for k, v in batch_for(exs).items()}
+                with _autocast(device, cfg):
+                    if cfg.stage == "stage1":
+                        loss = model(**b, generator=neg_gen)["loss"]
+                    else:
+                        loss = model(**b, return_dict=True).loss
+                (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+                seen += b["pixel_values"].shape[0]
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(step_loss)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {step}; lower the lr or check the data")
+            if cfg.log_every and (step % cfg.log_every == 0 or step == total):
+                now = time.perf_counter()
+                ips = (seen - seen_log) / max(now - t_log, 1e-9)
+                t_log, seen_log = now, seen
+                bar = "#" * int(20 * step / total)
+                print(f"[{bar:<20}] step {step}/{total} loss {step_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                      f"{ips:.1f} img/s", file=sys.stderr, flush=True)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+                last_ckpt = save_checkpoint(out_dir / f"checkpoint-{step}", model, processor, state_dict())
+    finally:
+        if enc is not None:
+            enc.__exit__()
 
     skipped = getattr(data, "skipped", 0)
     if skipped:
