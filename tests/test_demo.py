@@ -45,15 +45,18 @@ def quality():
     return demo.evaluate()  # the shipped checkpoints, 200 held-out scenes
 
 
-def test_quality_record_matches(quality):
-    """The figures written at build time (and quoted in the README) are what the shipped files give
-    on the 200 held-out scenes."""
+TARGETS = {  # issue #4: captions naming every object right, VQA on colour/shape/count, ITC R@1 among 100, ITM
+    "caption_objects_correct": 0.95, "vqa_color_shape_count": 0.90, "itc_text_to_image_r1": 0.90, "itm_accuracy": 0.95,
+}
+
+
+def test_quality_reaches_targets(quality):
+    """The shipped checkpoints reach the quality targets on the 200 held-out scenes, and the
+    figures written at build time (quoted in the README) are what the shipped files give."""
     rec = json.loads((demo.DEMO_DIR / "quality.json").read_text())["figures"]
-    for k in ("caption_objects_correct", "vqa_color_shape_count", "itc_text_to_image_r1", "itm_accuracy"):
+    for k, target in TARGETS.items():
+        assert quality[k] >= target, (k, quality[k])
         assert quality[k] == pytest.approx(rec[k], abs=0.011), k
-    # far above chance on every figure (chance: captions ~0, VQA ~0.3, R@1 ~0.02, ITM 0.5)
-    assert quality["caption_objects_correct"] > 0.3 and quality["vqa_color_shape_count"] > 0.6
-    assert quality["itc_text_to_image_r1"] > 0.85 and quality["itm_accuracy"] > 0.9
 
 
 def test_examples_have_their_scenes():
