@@ -323,17 +323,13 @@ def _measure(spec: dict, r: dict) -> None:
     qgen = dict(max_new_tokens=spec["q_new_tokens"], min_new_tokens=spec["q_new_tokens"], **extra)
 
     def ask(questions: list[list[int]]) -> list[list[int]]:
+        prompts = [pre_ids + [x % (c.text_config.vocab_size - 2) for x in qi] for qi in questions]  # tiny vocab
+        if blip2_side:  # one batch: the image encoded once, the shared prefix (queries, BOS) run once
+            return [o[0].tolist() for o in model.generate_many(pixels(1), prompts, **qgen)]
         outs = []
-        if blip2_side:  # the image goes through ViT + Q-Former once, each question reuses it
-            _, _, lm_in = model._image_to_lm(pixels(1))
-        for qi in questions:
-            qi = [x % (c.text_config.vocab_size - 2) for x in qi]  # the tiny vocab is small
-            ids = torch.tensor([pre_ids + qi], dtype=torch.long, device=dev)
-            am = torch.ones_like(ids)
-            if blip2_side:
-                out = model._generate(model._merge(ids, None, lm_in), am, ids, **qgen)
-            else:  # transformers' generate re-encodes the image for every question
-                out = model.generate(pixel_values=pixels(1), input_ids=ids, attention_mask=am, **qgen)
+        for p in prompts:  # transformers: one generate per question, each re-encoding the image
+            ids = torch.tensor([p], dtype=torch.long, device=dev)
+            out = model.generate(pixel_values=pixels(1), input_ids=ids, attention_mask=torch.ones_like(ids), **qgen)
             outs.append(out[0].tolist())
         return outs
 
@@ -465,6 +461,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
     ap.add_argument("--quantize", choices=("int8", "int4", "int4-64", "int4-128"), default=None,
                     help="blip2 side only: weight-only quantized language model (transformers stays at --dtype)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="with --only: take the other implementation's runs from this earlier results JSON "
+                         "(same checkpoint, dtype and machine) instead of re-running them")
     ap.add_argument("--build-only", action="store_true", help="build (or check) the checkpoint and stop")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
@@ -485,6 +484,8 @@ def main(argv=None) -> int:
         return 0
     if args.batch is not None:
         args.batches = [args.batch]
+    if args.baseline and not args.only:
+        ap.error("--baseline needs --only (the implementation to run; the other comes from the file)")
     if min(args.batches) < 1 or not 1 <= min(args.ks) <= max(args.ks) <= len(QUESTIONS):
         ap.error(f"batch sizes must be >= 1 and question counts between 1 and {len(QUESTIONS)}")
 
@@ -532,6 +533,19 @@ def main(argv=None) -> int:
                 got = f" (load {r['load_s']:.2f} s, RSS {r['rss_after_load_gib']:.2f} GiB)" if "load_s" in r else ""
                 print(f"  rep {rep} {impl:12s} FAILED{got}: {r['error']}\n" +
                       "\n".join("      " + l for l in r.get("stderr_tail", "").splitlines()), flush=True)
+
+    if args.baseline:  # the other side's runs as recorded earlier on this machine and checkpoint
+        base = json.loads(args.baseline.read_text())
+        bs = base["settings"]
+        if bs["dtype"] != args.dtype or Path(base["checkpoint"]["path"]).name != ckpt.name:
+            print(f"--baseline {args.baseline}: recorded with dtype {bs['dtype']} on {base['checkpoint']['path']}, "
+                  f"not {args.dtype} on {ckpt}", file=sys.stderr)
+            return 2
+        for i in IMPLS:
+            if i not in impls:
+                runs[i] = base["runs"].get(i, [])
+                print(f"  {i}: {len(runs[i])} runs from {args.baseline} ({base['timestamp']}, "
+                      f"{base['machine'].get('cpu', '?')})", flush=True)
 
     # 3. summary: medians over the successful reps
     # medians over every run that measured the figure: a run whose generate failed still gives its
@@ -584,7 +598,7 @@ def main(argv=None) -> int:
     checks += [(f"ids_batch{b}", f"batch {b}", args.new_tokens) for b in args.batches]
     checks += [(f"ids_q{max(args.ks)}", f"{max(args.ks)} questions", args.q_new_tokens)]
     for key, what, n_new in checks:
-        all_runs = [r for i in impls for r in ok_runs[i] if key in r]
+        all_runs = [r for i in IMPLS for r in ok_runs.get(i, []) if key in r]
         if not all_runs:
             match[key] = "no successful run"
         else:
@@ -608,6 +622,7 @@ def main(argv=None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rec = dict(
         timestamp=stamp, command=sys.argv, machine=machine, checkpoint=dict(path=str(ckpt), bytes=size, **built),
+        baseline=str(args.baseline) if args.baseline else None,
         settings=dict(dtype=args.dtype, threads=args.threads, reps=args.reps, batches=args.batches,
                       new_tokens=args.new_tokens, warmup=args.warmup, only=args.only, tiny=args.tiny, layers=args.layers,
                       quantize=args.quantize, compile=args.compile, device=args.device, inner=args.inner,

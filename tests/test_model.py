@@ -162,6 +162,70 @@ def test_eos_stops_and_pads(gen_pair):
     assert ours.generate(pixel_values=px, **kw).tolist() == hf.generate(pixel_values=px, **kw).tolist()
 
 
+def _questions(config, seed=3):
+    """Prompts about one image as Blip2Processor makes them: the placeholders, a shared template
+    start, then questions of different lengths (one of them the shortest possible)."""
+    g = torch.Generator().manual_seed(seed)
+    V = config.text_config.vocab_size
+    head = [config.image_token_index] * Q + torch.randint(3, V - 2, (3,), generator=g).tolist()
+    return [head + torch.randint(3, V - 2, (n,), generator=g).tolist() for n in (4, 1, 6, 4)]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=7),
+    dict(max_new_tokens=6, num_beams=3, num_return_sequences=2),
+    dict(max_new_tokens=6, eos_token_id="produced"),
+])
+@torch.no_grad()
+def test_generate_many_equals_one_prompt_at_a_time(gen_pair, kw):
+    """k questions in one batch, the shared prefix run once (OPT): each answer is the reference's
+    answer to that question asked alone, with the same length (no padding past its eos)."""
+    hf, ours, _ = gen_pair
+    px = _pixels(1)
+    qs = _questions(hf.config)
+    kw = dict(kw)
+    if kw.get("eos_token_id") == "produced":  # a token some answers produce early, others not at all
+        first = hf.generate(pixel_values=px, input_ids=torch.tensor([qs[0]]), max_new_tokens=6)
+        kw["eos_token_id"] = int(first[0, -4])
+    got = ours.generate_many(px, qs, **kw)
+    ref = [hf.generate(pixel_values=px, input_ids=torch.tensor([q]), **kw) for q in qs]
+    assert [g.tolist() for g in got] == [r.tolist() for r in ref]
+    if "eos_token_id" in kw:
+        assert len({r.shape[1] for r in ref}) > 1  # the answers really stop at different lengths
+
+
+@torch.no_grad()
+def test_generate_many_prefix_and_input_forms(gen_pair, monkeypatch):
+    """The shared prefix is what all prompts have in common, capped so every row keeps a token of
+    its own; a padded (k, T) tensor with its mask gives the same answers as the list."""
+    hf, ours, _ = gen_pair
+    px = _pixels(1)
+    qs = _questions(hf.config)
+    same = [qs[0], qs[0]]  # identical prompts: all but the last token shared
+    nested = [qs[0][:-2], qs[0]]  # one prompt a prefix of the other
+    seen = []
+    start = ours.language_model.start
+    monkeypatch.setattr(ours.language_model, "start",
+                        lambda e, m, n, **kw: seen.append(kw.get("shared_prefix", 0)) or start(e, m, n, **kw))
+    for prompts in (same, nested):
+        got = ours.generate_many(px, prompts, max_new_tokens=5)
+        ref = [hf.generate(pixel_values=px, input_ids=torch.tensor([q]), max_new_tokens=5) for q in prompts]
+        assert [g.tolist() for g in got] == [r.tolist() for r in ref]
+    if hf.config.use_decoder_only_language_model:
+        assert seen == [len(qs[0]) - 1, len(qs[0]) - 3]
+    else:
+        assert seen == [0, 0]  # T5's encoder sees the whole prompt: nothing to share
+    L = max(map(len, qs))
+    pad = hf.config.text_config.pad_token_id
+    ids = torch.tensor([[pad] * (L - len(q)) + q for q in qs])
+    mask = torch.tensor([[0] * (L - len(q)) + [1] * len(q) for q in qs])
+    a = ours.generate_many(px, ids, attention_mask=mask, max_new_tokens=4)
+    b = ours.generate_many(px, qs, max_new_tokens=4)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    with pytest.raises(ValueError, match="one image"):
+        ours.generate_many(_pixels(2), qs)
+
+
 @torch.no_grad()
 def test_blip2model_features(model_pair):
     hf, ours, _ = model_pair

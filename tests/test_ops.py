@@ -6,7 +6,7 @@ import torch
 import blip2.ops as ops
 
 
-@pytest.mark.parametrize("rows", [1, 63, 64, 300])
+@pytest.mark.parametrize("rows", [1, 2, 15, 16, 300])
 def test_upcast_path_matches_bf16_linear(rows, monkeypatch):
     g = torch.Generator().manual_seed(0)
     lin = ops.Linear(96, 80).to(torch.bfloat16)
@@ -24,8 +24,29 @@ def test_upcast_path_matches_bf16_linear(rows, monkeypatch):
     # both are the exact result rounded to bf16 (at most one ulp apart from each other)
     for y in (slow_cpu, native):
         assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()
-    if rows < ops.UPCAST_MIN_ROWS:
+    if 1 < rows < ops.UPCAST_MIN_ROWS:
         assert torch.equal(slow_cpu, native)  # few rows: the bf16 kernel runs either way
+    monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: False)
+    with torch.no_grad():  # inference: the fp32 weights go into a reused scratch buffer
+        assert torch.equal(lin(x), slow_cpu)
+        assert torch.equal(lin(x[None]), slow_cpu[None])  # (B, T, K) inputs: the same rows
+    slow_cpu.float().sum().backward()  # with grad: a fresh fp32 copy, differentiable
+    assert lin.weight.grad is not None and lin.weight.grad.shape == lin.weight.shape
+
+
+def test_scratch_buffer_is_not_aliased_between_layers(monkeypatch):
+    """Two layers in a row share the scratch buffer: the second must not see the first's weights."""
+    monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(1)
+    a, b = ops.Linear(32, 48).to(torch.bfloat16), ops.Linear(48, 32).to(torch.bfloat16)
+    x = torch.randn(40, 32, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        for m in (a, b):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5)
+        y = b(a(x))
+    ref = torch.nn.functional.linear(torch.nn.functional.linear(x.double(), a.weight.double(), a.bias.double())
+                                     .to(torch.bfloat16).double(), b.weight.double(), b.bias.double())
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-2).all()
 
 
 def test_fp32_inputs_untouched():

@@ -376,17 +376,19 @@ def cmd_ask(args) -> int:
         opts = _options(args)
         with torch.inference_mode():
             pv = _pixels(proc, [img], model)
-            _, _, lm_inputs = model._image_to_lm(pv)  # the image is encoded once: (1, Q, C_lm)
-            for q in todo:
-                enc = proc(images=None, text=args.template.format(q), return_tensors="pt")
-                ids, am = _with_placeholders(model, enc["input_ids"], enc["attention_mask"])
-                embeds = model._merge(ids, None, lm_inputs)
-                out = model._generate(embeds, am, ids, **kw)
-                texts = _decode(proc, model, out, ids.shape[1])
-                rec = {"path": args.image, "question": q, "text": texts[0], "options": opts}
-                if len(texts) > 1:
-                    rec["answers"] = texts
-                sink.add(rec)
+            for chunk in batches(todo, args.batch_size):
+                # one batch per chunk: the image encoded once, the template's shared start run once
+                prompts = []
+                for q in chunk:
+                    enc = proc(images=None, text=args.template.format(q), return_tensors="pt")
+                    ids, _ = _with_placeholders(model, enc["input_ids"], enc["attention_mask"])
+                    prompts.append(ids[0].tolist())
+                for q, ids, out in zip(chunk, prompts, model.generate_many(pv, prompts, **kw)):
+                    texts = _decode(proc, model, out, len(ids))
+                    rec = {"path": args.image, "question": q, "text": texts[0], "options": opts}
+                    if len(texts) > 1:
+                        rec["answers"] = texts
+                    sink.add(rec)
     sink.close()
     return rep.finish(1)
 
@@ -665,13 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blip2", description="BLIP-2 from the terminal: caption, ask, match, embed.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p, default_model, output=True, batch=8):
+    def common(p, default_model, output=True, batch=8, batch_help="images per forward pass"):
         p.add_argument("--model", default=default_model,
                        help=f"local checkpoint directory, hub id, or 'demo' (default {default_model})")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weights dtype (auto: float16 on CUDA, float32 on CPU)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: CUDA if present)")
-        p.add_argument("--batch-size", type=int, default=batch, help="images per forward pass")
+        p.add_argument("--batch-size", type=int, default=batch, help=batch_help)
         if default_model == DEFAULT_LM_MODEL:  # caption / ask: a language model to quantize
             p.add_argument("--quantize", choices=["int8", "int4", "int4-64", "int4-128"],
                            help="weight-only quantized language model (less memory, faster decoding on CPU)")
@@ -701,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="Question: {} Answer:", help="prompt format; {} is the question")
     generation(p)
     p.set_defaults(max_new_tokens=20)
-    common(p, DEFAULT_LM_MODEL)
+    common(p, DEFAULT_LM_MODEL, batch_help="questions decoded together (the image is encoded once)")
 
     p = sub.add_parser("match", help="ITM probability and ITC similarity for every image x text")
     p.add_argument("images", nargs="+", metavar="IMAGE")

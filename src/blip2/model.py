@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config
-from .generation import GenerationConfig, decode, prepare_generation_config
+from .generation import GenerationConfig, _special_tokens, decode, prepare_generation_config
 from .lm import build_language_model
 from .ops import Linear
 from .outputs import (
@@ -276,13 +276,69 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
 
         return self._generate(embeds, attention_mask, input_ids, generation_config, **generate_kwargs)
 
-    def _generate(self, embeds, attention_mask, input_ids, generation_config=None, **kwargs) -> torch.LongTensor:
-        """Prefill the language model once on `embeds` (B, T, C) and run the search (generation.py).
+    @torch.no_grad()
+    def generate_many(
+        self,
+        pixel_values: torch.FloatTensor,
+        prompts,
+        attention_mask: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        generation_config: GenerationConfig | None = None,
+        **generate_kwargs,
+    ) -> list[torch.LongTensor]:
+        """Several prompts (questions) about one image, in one batch: the image is encoded once, and
+        with OPT the prompts' common prefix (the image queries, BOS and any shared template text)
+        goes through the language model once, its keys/values shared by every row.
 
-        The token history the search sees, and that the result starts with, is what the reference
-        returns: for OPT the prompt ids (none when only embeddings were given); for T5 the decoder
-        start token.
+        pixel_values (1, 3, H, W); prompts: a list of id sequences (each as Blip2Processor makes
+        them with the image: placeholders first), or a (k, T) tensor with its attention_mask.
+        Returns one LongTensor per prompt, shaped as `generate` returns it for that prompt alone:
+        (num_return_sequences, L). Pass max_new_tokens rather than max_length, which would count
+        the padded batch's length.
         """
+        if pixel_values.shape[0] != 1:
+            raise ValueError(f"generate_many takes one image; got a batch of {pixel_values.shape[0]}")
+        rows = _unpad(prompts, attention_mask)
+        if not rows or not all(rows):
+            raise ValueError("generate_many needs at least one prompt, and no empty ones")
+        _, _, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding)  # (1, Q, C)
+        dev, k, L = lm_inputs.device, len(rows), max(len(r) for r in rows)
+        tc = self.config.text_config
+        pad = tc.pad_token_id if tc.pad_token_id is not None else 0
+        dec_only = self.config.use_decoder_only_language_model
+        P = _common_prefix(rows) if dec_only else 0
+        ids = torch.full((k, L), pad, dtype=torch.long)
+        am = torch.zeros((k, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            # OPT: [shared prefix | pads | the rest], so every row ends on its last token and the
+            # prefix sits at the same positions in every row. T5's encoder: right padding.
+            at = L - len(r) + P if dec_only else 0
+            ids[i, :P], am[i, :P] = torch.tensor(r[:P], dtype=torch.long), 1
+            ids[i, at : at + len(r) - P] = torch.tensor(r[P:], dtype=torch.long)
+            am[i, at : at + len(r) - P] = 1
+        ids, am = ids.to(dev), am.to(dev)
+        embeds = self._merge(ids, None, lm_inputs.expand(k, -1, -1))
+        cfg, history = self._decode_config(embeds, ids, generation_config, generate_kwargs)
+        out = self._run_decode(embeds, am, history, cfg, shared_prefix=P)
+        eos, _ = _special_tokens(cfg)
+        n = cfg.num_return_sequences or 1
+        T0 = history.shape[1]
+        res = []
+        for i, r in enumerate(rows):
+            new = out[i * n : (i + 1) * n, T0:]  # (n, new tokens)
+            end = new.shape[1]
+            if eos and end:  # a lone call stops once all its rows have hit eos: drop the columns past that
+                hit = torch.isin(new, torch.tensor(eos, device=new.device))
+                first = torch.where(hit.any(1), hit.int().argmax(1) + 1, end)
+                end = int(first.max())
+            head = torch.tensor(r, dtype=torch.long, device=out.device).expand(n, -1) if dec_only else out[i * n : (i + 1) * n, :T0]
+            res.append(torch.cat([head, new[:, :end]], 1))
+        return res
+
+    def _decode_config(self, embeds, input_ids, generation_config, kwargs):
+        """The effective GenerationConfig, and the token history the search starts from and the
+        result starts with (what the reference returns): for OPT the prompt ids (none when only
+        embeddings were given); for T5 the decoder start token."""
         B = embeds.shape[0]
         tc = self.config.text_config
         dec_only = self.config.use_decoder_only_language_model
@@ -300,6 +356,38 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         if not dec_only:
             start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.bos_token_id
             history = torch.full((B, 1), start, dtype=torch.long, device=embeds.device)
+        return cfg, history
+
+    def _run_decode(self, embeds, attention_mask, history, cfg, shared_prefix: int = 0) -> torch.LongTensor:
+        """Prefill the language model once on `embeds` (B, T, C) and run the search (generation.py)."""
         max_new = max(cfg.max_length - history.shape[1], 0)
-        session = self.language_model.start(embeds, attention_mask, max_new)
+        extra = {"shared_prefix": shared_prefix} if shared_prefix else {}
+        session = self.language_model.start(embeds, attention_mask, max_new, **extra)
         return decode(session, history, cfg)
+
+    def _generate(self, embeds, attention_mask, input_ids, generation_config=None, **kwargs) -> torch.LongTensor:
+        """generate() from merged prompt embeddings (B, T, C): the CLI reuses one image's
+        projected queries for several prompts this way."""
+        cfg, history = self._decode_config(embeds, input_ids, generation_config, kwargs)
+        return self._run_decode(embeds, attention_mask, history, cfg)
+
+
+def _unpad(prompts, attention_mask=None) -> list[list[int]]:
+    """Prompts as plain id lists: a list of sequences as given, or the rows of a (k, T) tensor
+    without the positions its attention mask marks as padding."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts as a tensor must be (k, T); got shape {tuple(prompts.shape)}")
+        m = attention_mask.bool() if attention_mask is not None else torch.ones_like(prompts, dtype=torch.bool)
+        return [row[keep].tolist() for row, keep in zip(prompts.cpu(), m.cpu())]
+    return [torch.as_tensor(p).flatten().tolist() for p in prompts]
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest prefix that all rows share, short of each row's last token (every row
+    must end on a token of its own, where its next-token logits are read)."""
+    n = min(len(r) for r in rows) - 1
+    for j in range(n):
+        if any(r[j] != rows[0][j] for r in rows[1:]):
+            return j
+    return n

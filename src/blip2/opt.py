@@ -233,9 +233,12 @@ class OPTForCausalLM(PreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
     @torch.no_grad()
-    def start(self, inputs_embeds: Tensor, attention_mask: Tensor | None, max_new_tokens: int) -> "OPTSession":
-        """A decoding session over prompt embeddings (B, T, E_w), possibly left padded."""
-        return OPTSession(self, inputs_embeds, attention_mask, max_new_tokens)
+    def start(self, inputs_embeds: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
+              shared_prefix: int = 0) -> "OPTSession":
+        """A decoding session over prompt embeddings (B, T, E_w), possibly left padded.
+        shared_prefix: the first P positions are the same real tokens in every row (the image
+        queries and a common template), so prefill runs them once and copies their keys/values."""
+        return OPTSession(self, inputs_embeds, attention_mask, max_new_tokens, shared_prefix)
 
 
 class OPTSession(LMSession):
@@ -244,8 +247,10 @@ class OPTSession(LMSession):
 
     _rows = ("mask", "npos")
 
-    def __init__(self, lm: OPTForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor | None, max_new_tokens: int):
+    def __init__(self, lm: OPTForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
+                 shared_prefix: int = 0):
         B, T, _ = inputs_embeds.shape
+        self.P = min(max(shared_prefix, 0), T - 1) if B > 1 else 0  # at least one position left per row
         dev = inputs_embeds.device
         super().__init__(T + max_new_tokens, dev)
         self.lm, self.T = lm, T
@@ -265,9 +270,19 @@ class OPTSession(LMSession):
         return self.mask[:, : self.t].long()
 
     def prefill(self) -> Tensor:
-        pos = self._advance(self.T)  # (T,)
-        mask = self.mask[:, None, None, :] & (self._arange[None, :] <= pos[:, None])  # (B, 1, T, T_max)
-        x, _, _ = self.lm.model.decoder.run(self.embeds, positions_from_mask(self.prompt_mask), mask, self.caches, pos)
+        dec, P = self.lm.model.decoder, self.P
+        positions = positions_from_mask(self.prompt_mask)  # (B, T)
+        if P:  # the shared prefix through one row; its keys/values then copied to the others
+            pos = self._advance(P)
+            one = [KVCache(c.k[:1], c.v[:1]) for c in self.caches]  # views: writes land in the caches
+            mask = self.mask[:1, None, None, :] & (self._arange[None, :] <= pos[:, None])  # (1, 1, P, T_max)
+            dec.run(self.embeds[:1, :P], positions[:1, :P], mask, one, pos)
+            for c in self.caches:
+                c.k[1:, :, :P] = c.k[:1, :, :P]
+                c.v[1:, :, :P] = c.v[:1, :, :P]
+        pos = self._advance(self.T - P)  # (T - P,)
+        mask = self.mask[:, None, None, :] & (self._arange[None, :] <= pos[:, None])  # (B, 1, T - P, T_max)
+        x, _, _ = dec.run(self.embeds[:, P:], positions[:, P:], mask, self.caches, pos)
         self.embeds = self.prompt_mask = None  # no longer needed
         return self.lm.lm_head(x[:, -1])  # (B, V)
 
