@@ -61,6 +61,12 @@ def test_compiled_greedy_matches_eager(model):
         assert comp.tolist() == eager.tolist(), kw
         seen.update(eager[:, -5:].flatten().tolist())
     assert len(seen) > 3, "degenerate decoding: the comparison would not test much"
+    # several questions about one image: 2 rows (the graph above), their shared prefix prefilled once
+    pre = [model.config.image_token_index] * model.config.num_query_tokens + [model.config.text_config.bos_token_id]
+    qs = [pre + [5, 17, 33], pre + [8]]
+    eager = model.generate_many(px[:1], qs, max_new_tokens=9)
+    comp = model.generate_many(px[:1], qs, max_new_tokens=9, compile=True)
+    assert [x.tolist() for x in comp] == [x.tolist() for x in eager]
 
 
 def test_compile_is_not_saved(model, tmp_path):
