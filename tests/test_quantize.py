@@ -7,6 +7,7 @@ import hf_tiny
 import pytest
 import torch
 from safetensors import safe_open
+import torch.nn.functional as F
 from torch import nn
 
 import blip2
@@ -80,6 +81,27 @@ def test_kernel_matches_dequantize_fallback(mode, g, tol, dtype, monkeypatch):
     # and a layer quantized without the packing op stores the same bytes
     q2 = build(lin, mode, g)
     assert torch.equal(q2.qweight, q.qweight)
+
+
+@pytest.mark.parametrize("rows", [Q.INT8_UPCAST_MIN_ROWS - 1, Q.INT8_UPCAST_MIN_ROWS, 200])
+def test_int8_many_rows_fp32_path(rows, monkeypatch):
+    """bf16 inputs with many rows on a CPU without native bf16 run as an fp32 product of the int8
+    values (exact in fp32) scaled in fp32: the dequantized layer's exact output, rounded once."""
+    import blip2.ops as ops
+
+    monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: False)
+    lin = make_linear(dtype=torch.bfloat16)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    exact = (F.linear(x.double(), q.qweight.double()) * q.scales.double() + q.bias.double())
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(q(x[None])[0], y)  # (B, T, K) inputs: the same rows
+    err = (y.double() - exact).abs() / exact.abs().clamp_min(1e-3)
+    if rows >= Q.INT8_UPCAST_MIN_ROWS:
+        assert (err <= 2**-8).all()  # one rounding to bf16
+        assert torch.equal(q(x), y)  # with grad enabled: a fresh fp32 copy, the same numbers
+    assert rel(y, lin(x)) < 0.02
 
 
 def test_int4_pack_layout_matches_torch():
