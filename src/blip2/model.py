@@ -274,7 +274,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         embeds = self._merge(input_ids, inputs_embeds, lm_inputs)
 
-        return self._generate(embeds, attention_mask, input_ids, generation_config, **generate_kwargs)
+        cfg, history = self._decode_config(embeds, input_ids, generation_config, generate_kwargs)
+        return self._run_decode(embeds, attention_mask, history, cfg)
 
     @torch.no_grad()
     def generate_many(
@@ -321,14 +322,15 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         cfg, history = self._decode_config(embeds, ids, generation_config, generate_kwargs)
         out = self._run_decode(embeds, am, history, cfg, shared_prefix=P)
         eos, _ = _special_tokens(cfg)
+        eos_t = torch.tensor(eos, device=out.device) if eos else None
         n = cfg.num_return_sequences or 1
         T0 = history.shape[1]
         res = []
         for i, r in enumerate(rows):
             new = out[i * n : (i + 1) * n, T0:]  # (n, new tokens)
             end = new.shape[1]
-            if eos and end:  # a lone call stops once all its rows have hit eos: drop the columns past that
-                hit = torch.isin(new, torch.tensor(eos, device=new.device))
+            if eos_t is not None and end:  # a lone call stops once all its rows have hit eos: drop the columns past that
+                hit = torch.isin(new, eos_t)
                 first = torch.where(hit.any(1), hit.int().argmax(1) + 1, end)
                 end = int(first.max())
             head = torch.tensor(r, dtype=torch.long, device=out.device).expand(n, -1) if dec_only else out[i * n : (i + 1) * n, :T0]
@@ -364,12 +366,6 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         extra = {"shared_prefix": shared_prefix} if shared_prefix else {}
         session = self.language_model.start(embeds, attention_mask, max_new, **extra)
         return decode(session, history, cfg)
-
-    def _generate(self, embeds, attention_mask, input_ids, generation_config=None, **kwargs) -> torch.LongTensor:
-        """generate() from merged prompt embeddings (B, T, C): the CLI reuses one image's
-        projected queries for several prompts this way."""
-        cfg, history = self._decode_config(embeds, input_ids, generation_config, kwargs)
-        return self._run_decode(embeds, attention_mask, history, cfg)
 
 
 def _unpad(prompts, attention_mask=None) -> list[list[int]]:

@@ -70,12 +70,20 @@ def cpu_has_native_bf16() -> bool:
     return _native_bf16
 
 
+def emulated_bf16(x: torch.Tensor) -> bool:
+    """x is bf16 on a CPU that only emulates bf16 matrix products (where the fast paths apply)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16()
+
+
 _scratch = threading.local()
 
 
-def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
-    """w in fp32, written into a per-thread buffer that is kept between calls. A fresh allocation
-    of that size is an mmap that page-faults on every call (4x slower than the copy itself)."""
+def fp32_weight(w: torch.Tensor) -> torch.Tensor:
+    """w in fp32. For inference it is written into a per-thread buffer kept between calls: a fresh
+    allocation of that size is an mmap that page-faults on every call (4x slower than the copy).
+    With grad enabled it is a fresh copy, so that autograd can keep it."""
+    if torch.is_grad_enabled():
+        return w.float()
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < w.numel():
         buf = _scratch.buf = torch.empty(w.numel(), dtype=torch.float32)
@@ -84,7 +92,7 @@ def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16():
+        if emulated_bf16(x):
             rows = x.numel() // x.shape[-1]
             if rows == 1 and self.weight.dtype == torch.bfloat16:
                 # one row (a decode step): torch.mv's bf16 dot-product kernel streams the weights
@@ -94,8 +102,7 @@ class Linear(nn.Linear):
                 return y.view(*x.shape[:-1], -1)
             if rows >= UPCAST_MIN_ROWS:
                 b = None if self.bias is None else self.bias.float()
-                w = _fp32_copy(self.weight) if not torch.is_grad_enabled() else self.weight.float()
-                return F.linear(x.float(), w, b).to(x.dtype)
+                return F.linear(x.float(), fp32_weight(self.weight), b).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 

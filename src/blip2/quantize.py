@@ -110,13 +110,11 @@ class Int8Linear(nn.Module):
         dt = self.scales.dtype
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dt)  # (M, K)
-        if dt == torch.bfloat16 and x2.shape[0] >= INT8_UPCAST_MIN_ROWS and x2.device.type == "cpu" \
-                and not ops.cpu_has_native_bf16():
+        if ops.emulated_bf16(x2) and x2.shape[0] >= INT8_UPCAST_MIN_ROWS:
             # many rows (prefill, batches) on a CPU without bf16 instructions: the int8 kernel is
             # compute-bound there, and fp32 GEMM on the int8 values (exact in fp32) is up to 1.7x
             # faster; the scales are applied in fp32 and the result rounded to bf16 once
-            w = ops._fp32_copy(self.qweight) if not torch.is_grad_enabled() else self.qweight.float()
-            y = F.linear(x2.float(), w) * self.scales.float()
+            y = F.linear(x2.float(), ops.fp32_weight(self.qweight)) * self.scales.float()
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.to(dt).reshape(*lead, self.out_features).to(x.dtype)
