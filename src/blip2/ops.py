@@ -7,6 +7,8 @@ a 257x1408 @ 1408x6144 product takes 73 ms in bf16 and 16 ms in fp32). For input
 bf16 numbers are exact in fp32 and both paths accumulate in fp32, so only the summation order
 differs. Decode steps (few rows) are bandwidth-bound and stay in bf16, which reads half the
 bytes; a single row goes through torch.mv, whose bf16 kernel streams the weights faster.
+A layer whose weight kernels.py has block-packed (the language model's, on CPU) runs up to 47 rows
+through kernels.c instead, and more as an fp32 GEMM on the weight unpacked into a reused buffer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 
 # --- activations, by the names config files use ---
@@ -78,20 +82,44 @@ def emulated_bf16(x: torch.Tensor) -> bool:
 _scratch = threading.local()
 
 
+def scratch_f32(n: int) -> torch.Tensor:
+    """A per-thread fp32 buffer of n elements, kept between calls (for inference only): a fresh
+    allocation of a weight's size is an mmap that page-faults on every call (4x slower than a copy)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
+
+
 def fp32_weight(w: torch.Tensor) -> torch.Tensor:
-    """w in fp32. For inference it is written into a per-thread buffer kept between calls: a fresh
-    allocation of that size is an mmap that page-faults on every call (4x slower than the copy).
-    With grad enabled it is a fresh copy, so that autograd can keep it."""
+    """w in fp32: in the scratch buffer for inference, a fresh copy with grad enabled (autograd
+    keeps it for the backward pass)."""
     if torch.is_grad_enabled():
         return w.float()
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < w.numel():
-        buf = _scratch.buf = torch.empty(w.numel(), dtype=torch.float32)
-    return buf[: w.numel()].view(w.shape).copy_(w)
+    return scratch_f32(w.numel()).view(w.shape).copy_(w)
 
 
-class Linear(nn.Linear):
+def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """(x @ W^T) * scale + bias in fp32 for a block-packed w (see kernels.py): few rows through the
+    streaming kernels, many as one fp32 GEMM on the weight unpacked into the scratch buffer."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if x2.shape[0] < kernels.GEMV_MAX_ROWS:
+        y = kernels.packed_mm(x2, w, scale, bias)
+    else:
+        y = F.linear(x2.float(), kernels.unpack_f32(w, scratch_f32(w.numel())))
+        if scale is not None:
+            y = y * scale.float()
+        if bias is not None:
+            y = y + bias.float()
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+class Linear(kernels.Packable, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block is not None:
+            if self.packed_ok(x):
+                return packed_linear(x, self.weight, None, self.bias).to(x.dtype)
+            self.unpack_()
         if emulated_bf16(x):
             rows = x.numel() // x.shape[-1]
             if rows == 1 and self.weight.dtype == torch.bfloat16:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import kernels, ops
 
 MODES = ("int8", "int4")
 INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64
@@ -75,8 +75,11 @@ def quant4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
 INT8_UPCAST_MIN_ROWS = 64  # measured crossover (2-core AVX-512 VM): _weight_int8pack_mm wins below
 
 
-class Int8Linear(nn.Module):
-    """Linear with int8 weights (N, K), one scale per output channel and an optional float bias."""
+class Int8Linear(kernels.Packable, nn.Module):
+    """Linear with int8 weights (N, K), one scale per output channel and an optional float bias.
+    On CPU its qweight may be block-packed for kernels.c (kernels.pack_), which streams it faster."""
+
+    packed_name = "qweight"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=torch.float32, device=None):
         super().__init__()
@@ -104,12 +107,17 @@ class Int8Linear(nn.Module):
         return m
 
     def dequantize(self) -> Tensor:
-        return self.qweight.to(self.scales.dtype) * self.scales[:, None]  # (N, K)
+        return self.row_major_weight().to(self.scales.dtype) * self.scales[:, None]  # (N, K)
 
     def forward(self, x: Tensor) -> Tensor:
         dt = self.scales.dtype
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dt)  # (M, K)
+        if self.block is not None:
+            if self.packed_ok(x2):
+                y = ops.packed_linear(x2, self.qweight, self.scales, self.bias)  # fp32, scaled, biased
+                return y.to(dt).reshape(*lead, self.out_features).to(x.dtype)
+            self.unpack_()
         if ops.emulated_bf16(x2) and x2.shape[0] >= INT8_UPCAST_MIN_ROWS:
             # many rows (prefill, batches) on a CPU without bf16 instructions: the int8 kernel is
             # compute-bound there, and fp32 GEMM on the int8 values (exact in fp32) is up to 1.7x
@@ -228,6 +236,8 @@ def quantize_(module: nn.Module, mode: str = "int8", group_size: int = 32, inclu
         if head is not None and emb is not None and head.weight is emb.weight:
             raise ValueError("include_head: the output head is tied to the input embedding; quantizing it "
                              "would untie them. Quantize without include_head")
+    packed = any(getattr(m, "block", None) for m in module.modules())
+    kernels.unpack_all_(module)  # quantize from row-major weights
     targets = []
     for name, m in module.named_modules():
         if not isinstance(m, nn.Linear):
@@ -241,6 +251,8 @@ def quantize_(module: nn.Module, mode: str = "int8", group_size: int = 32, inclu
         q = Int8Linear.from_linear(m) if mode == "int8" else Int4Linear.from_linear(m, group_size)
         parent, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, q)
+    if packed:
+        kernels.pack_(module)
     cfg = getattr(module, "config", None)
     if cfg is not None:
         cfg.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import kernels
 from .config import CONFIG_NAME, PretrainedConfig
 from .hub import resolve_dir
 
@@ -291,6 +292,11 @@ class PreTrainedModel(nn.Module):
         else:
             model._load_from(reader, d, dtype, device)
         model.eval()
+        if device.type == "cpu":
+            # decode steps stream the language model's weights: lay them out for kernels.c
+            lm = getattr(model, "language_model", None) or (model if hasattr(model, "lm_head") else None)
+            if lm is not None:
+                kernels.pack_(lm)
         return model
 
     def _fp32_keep(self, key: str, dtype: torch.dtype) -> bool:
