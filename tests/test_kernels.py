@@ -18,7 +18,7 @@ from hf_tiny import blip2_config, save_hf
 
 import blip2
 from blip2 import kernels, ops
-from blip2.quantize import Int8Linear, quantize_
+from blip2.quantize import quantize_
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler or no AVX-512 here")
 
@@ -34,6 +34,8 @@ def test_pack_round_trip_and_layout(dtype):
     assert torch.equal(blk, w[R:2 * R, 2 * C:3 * C])
     assert torch.equal(kernels.unpack(p, R, C), w)
     assert kernels.fits(w) and not kernels.fits(w[:, :C + 1].contiguous()) and not kernels.fits(w.float())
+    one = w[:R, :C].contiguous()  # one chunk: the blocked view is contiguous, yet pack must copy
+    assert kernels.pack(one, R, C).data_ptr() != one.data_ptr()
 
 
 @needs_kernels

@@ -163,8 +163,12 @@ def _blocked(w: Tensor, R: int, C: int) -> Tensor:
 
 
 def pack(w: Tensor, R: int, C: int) -> Tensor:
-    """Row-major (N, K) -> blocked, same shape and dtype (a new tensor)."""
-    return _blocked(w, R, C).contiguous().view(w.shape)
+    """Row-major (N, K) -> blocked, same shape and dtype: always a new tensor (where K == C the
+    blocked view is already contiguous, and .contiguous() would hand back w itself)."""
+    N, K = w.shape
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    out.view(N // R, K // C, R, C).copy_(_blocked(w, R, C))
+    return out
 
 
 def unpack(w: Tensor, R: int, C: int) -> Tensor:

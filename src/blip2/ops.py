@@ -13,7 +13,6 @@ through kernels.c instead, and more as an fp32 GEMM on the weight unpacked into 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading

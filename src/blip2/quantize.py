@@ -22,7 +22,6 @@ the int tensors + scales and from_pretrained rebuilds the quantized modules befo
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -270,63 +269,6 @@ def _settings(q: dict[str, Any]) -> dict[str, Any]:
 # Float rows quantized per step when streaming: 2M elements (8 MiB as fp32) keeps the temporaries
 # small next to any real model, yet large enough that the per-call overhead is noise.
 STREAM_ELEMS = 1 << 21
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class _RowReader:
-    """Reads row blocks of one tensor with plain file reads (pread), not through the mmap.
-
-    Pages of an mmap stay in the process's resident set for as long as the mapping lives (the
-    loaded embeddings and ViT keep it alive), so reading the float linears through it would leave
-    the whole float language model resident after it was quantized. File reads go through the page
-    cache, which is not ours, and the row buffer is freed once quantized.
-    """
-
-    def __init__(self, reader):
-        self.reader = reader
-        self._headers: dict[Any, dict[str, Any]] = {}
-        self._files: dict[Any, Any] = {}
-
-    def _entry(self, k: str):
-        f = self.reader.where[k]
-        if f not in self._headers:
-            hdr: dict[str, Any] = {}
-            if str(f).endswith(".safetensors"):
-                from .weights import _rename
-
-                with open(f, "rb") as fh:
-                    n = int.from_bytes(fh.read(8), "little")
-                    meta = json.loads(fh.read(n))
-                for key, e in meta.items():
-                    if key != "__metadata__" and e.get("dtype") in _ST_DTYPES:
-                        hdr[_rename(key)] = (_ST_DTYPES[e["dtype"]], 8 + n + e["data_offsets"][0])
-            self._headers[f] = hdr
-        return f, self._headers[f].get(k)
-
-    def rows(self, k: str, r0: int, r1: int, K: int) -> Tensor:
-        f, e = self._entry(k)
-        if e is None:  # a pytorch_model.bin (already mmapped by torch.load) or an odd dtype
-            return self.reader.get(k)[r0:r1]
-        dt, off = e
-        size = torch.empty((), dtype=dt).element_size()
-        buf = torch.empty((r1 - r0) * K * size, dtype=torch.uint8)
-        if f not in self._files:
-            self._files[f] = open(f, "rb", buffering=0)
-        fh, mv, pos = self._files[f], memoryview(buf.numpy()), 0
-        fh.seek(off + r0 * K * size)
-        while pos < len(mv):
-            got = fh.readinto(mv[pos:])
-            if not got:
-                raise EOFError(f"{f}: file ends inside {k}; re-download it")
-            pos += got
-        return buf.view(dt).reshape(r1 - r0, K)  # safetensors is little-endian, as is every CPU torch runs on
-
-    def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
-
-
 class _StreamingReader:
     """The checkpoint as the quantized model wants it: each float `X.weight` of a quantized layer
     reads as `X.qweight` + `X.scales` (or `X.scales_and_zeros`), quantized block by block of rows
@@ -335,6 +277,8 @@ class _StreamingReader:
 
     def __init__(self, reader, model: nn.Module, dtype: torch.dtype, device: torch.device):
         self.reader, self.model, self.dtype, self.device = reader, model, dtype, device
+        from .weights import _RowReader
+
         self.rows = _RowReader(reader)
         qmods = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
         pre = model.part_prefix

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +160,71 @@ class _Reader:
         return i.get_dtype() in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8}
+
+
+class _RowReader:
+    """Reads row blocks of one tensor with plain file reads (pread), not through the mmap.
+
+    Pages of an mmap stay in the process's resident set for as long as the mapping lives (the
+    loaded embeddings and ViT keep it alive), so reading a weight through it that is then
+    quantized or repacked would leave the original resident too. File reads go through the page
+    cache, which is not ours, and the row buffer is freed once used. Faster than page faults, too.
+    """
+
+    def __init__(self, reader):
+        self.reader = reader
+        self._headers: dict[Any, dict[str, Any]] = {}
+        self._files: dict[Any, Any] = {}
+
+    def _entry(self, k: str):
+        f = self.reader.where[k]
+        if f not in self._headers:
+            hdr: dict[str, Any] = {}
+            if str(f).endswith(".safetensors"):
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    meta = json.loads(fh.read(n))
+                for key, e in meta.items():
+                    if key != "__metadata__" and e.get("dtype") in _ST_DTYPES:
+                        hdr[_rename(key)] = (_ST_DTYPES[e["dtype"]], 8 + n + e["data_offsets"][0])
+            self._headers[f] = hdr
+        return f, self._headers[f].get(k)
+
+    def rows(self, k: str, r0: int, r1: int, K: int, reuse: bool = False) -> torch.Tensor:
+        """Rows [r0, r1) of tensor k, (r1 - r0, K). reuse: into a buffer kept by this reader, which
+        the next reuse call overwrites (for data that is copied on at once; saves fresh memory,
+        which on some VMs costs more to touch the first time than the read itself)."""
+        f, e = self._entry(k)
+        if e is None:  # a pytorch_model.bin (already mmapped by torch.load) or an odd dtype
+            return self.reader.get(k)[r0:r1]
+        dt, off = e
+        size = torch.empty((), dtype=dt).element_size()
+        n = (r1 - r0) * K * size
+        if reuse:
+            if getattr(self, "_buf", None) is None or self._buf.numel() < n:
+                self._buf = torch.empty(n, dtype=torch.uint8)
+            buf = self._buf[:n]
+        else:
+            buf = torch.empty(n, dtype=torch.uint8)
+        if f not in self._files:
+            self._files[f] = open(f, "rb", buffering=0)
+        fh, mv, pos = self._files[f], memoryview(buf.numpy()), 0
+        fh.seek(off + r0 * K * size)
+        while pos < len(mv):
+            got = fh.readinto(mv[pos:])
+            if not got:
+                raise EOFError(f"{f}: file ends inside {k}; re-download it")
+            pos += got
+        return buf.view(dt).reshape(r1 - r0, K)  # safetensors is little-endian, as is every CPU torch runs on
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+        self._buf = None
+
+
 def _fmt_keys(keys, n=8) -> str:
     keys = sorted(keys)
     s = ", ".join(keys[:n])
@@ -292,17 +356,36 @@ class PreTrainedModel(nn.Module):
         else:
             model._load_from(reader, d, dtype, device)
         model.eval()
-        if device.type == "cpu":
-            # decode steps stream the language model's weights: lay them out for kernels.c
-            lm = getattr(model, "language_model", None) or (model if hasattr(model, "lm_head") else None)
-            if lm is not None:
-                kernels.pack_(lm)
         return model
 
     def _fp32_keep(self, key: str, dtype: torch.dtype) -> bool:
         if dtype != torch.float16:
             return False
         return any(key == m or key.startswith(m + ".") or f".{m}." in f".{key}" for m in self._keep_in_fp32_modules)
+
+    def _pack_plan(self, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, int]]:
+        """The weights to load block-packed for kernels.c: on CPU, inside the language model (the
+        weights decode steps stream), of layers that can be packed (kernels.Packable) in the dtype
+        they will have, and not tied to another weight (whose user reads it row-major)."""
+        if device.type != "cpu" or not kernels.available():
+            return {}
+        lm = getattr(self, "language_model", None)
+        pre = "language_model." if lm is not None else ""
+        if lm is None and not hasattr(self, "lm_head"):
+            return {}
+        tied = self.tied_weights()
+        tied = set(tied) | set(tied.values())
+        plan = {}
+        for name, m in (lm if lm is not None else self).named_modules():
+            if not isinstance(m, kernels.Packable):
+                continue
+            key = f"{pre}{name}.{m.packed_name}"
+            w = getattr(m, m.packed_name)
+            final = w.dtype if not w.is_floating_point() else (torch.float32 if self._fp32_keep(key, dtype) else dtype)
+            block = kernels.BLOCK.get(final)
+            if key not in tied and block and w.dim() == 2 and w.shape[0] % block[0] == 0 and w.shape[1] % block[1] == 0:
+                plan[key] = block
+        return plan
 
     def _load_from(self, reader: _Reader, d: Path, dtype: torch.dtype, device: torch.device) -> None:
         ours = {k: t for k, t in self.state_dict(keep_vars=True).items()}
@@ -357,17 +440,29 @@ class PreTrainedModel(nn.Module):
                 + ". Check that the config.json and the weights belong together and to this class."
             )
 
+        pack = self._pack_plan(dtype, device)  # our key -> block, for kernels.c
+        rows = _RowReader(reader) if pack else None
         sd = {}
         for ok, ck in mapping.items():
-            t = reader.get(ck)
             target = ours[ok]
+            if ok in pack:
+                # read by file reads (not the mmap) and laid out in blocks straight into the memory
+                # that will hold it: packing a mapped weight in place costs a copy-on-write fault
+                # per page (0.5 GB/s), and a packed copy would leave the mapped original resident
+                t = kernels.pack(rows.rows(ck, 0, target.shape[0], target.shape[1], reuse=True), *pack[ok])
+            else:
+                t = reader.get(ck)
             if t.is_floating_point():
                 want = torch.float32 if self._fp32_keep(ok, dtype) else dtype
                 t = t.to(device=device, dtype=want)
             else:
                 t = t.to(device=device, dtype=target.dtype)
             sd[ok] = t
+        if rows is not None:
+            rows.close()
         self.load_state_dict(sd, strict=False, assign=True)
+        for ok, block in pack.items():
+            self.get_submodule(ok.rpartition(".")[0]).block = block
         self.tie_weights()
         # Anything still on meta was neither loaded nor tied: a bug in the class, not the file.
         left = [n for n, p in list(self.named_parameters()) + list(self.named_buffers()) if p.is_meta]
