@@ -64,8 +64,32 @@ static inline void q8_block(const int8_t* b, int64_t K, const float* x0, const f
   }
 }
 
+// One x row (a decode step): the loop on its own, with no branch inside, streams measurably faster.
+static void q8_one(const int8_t* w, int64_t N, int64_t K, const float* x,
+                   const float* scale, const float* bias, float* y, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t n0 = 0; n0 < N; n0 += 8) {
+    const int8_t* b = w + n0 * K;
+    __m512 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      const int8_t* c = b + k * 8;
+      pf(c, 8);
+      for (int j = 0; j < 64; j += 16) {
+        __m512 u = _mm512_loadu_ps(x + k + j);
+        for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(ld_i8(c + r * 64 + j), u, a[r]);
+      }
+    }
+    for (int r = 0; r < 8; ++r) y[n0 + r] = finish(a[r], scale, bias, n0 + r);
+  }
+}
+
 void q8_mm(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M,
            const float* scale, const float* bias, float* y, int nt) {
+  if (M == 1) {
+    q8_one(w, N, K, x, scale, bias, y, nt);
+    return;
+  }
   #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t n0 = 0; n0 < N; n0 += 8) {
     const int8_t* b = w + n0 * K;
@@ -107,8 +131,31 @@ static inline void bf16_block(const uint16_t* b, int64_t K, const float* x0, con
   }
 }
 
+static void bf16_one(const uint16_t* w, int64_t N, int64_t K, const float* x, const float* bias, float* y, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t n0 = 0; n0 < N; n0 += 4) {
+    const uint16_t* b = w + n0 * K;
+    __m512 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      const uint16_t* c = b + k * 4;
+      pf(c, 4);
+      __m512 u = _mm512_loadu_ps(x + k), uh = _mm512_loadu_ps(x + k + 16);
+      for (int r = 0; r < 4; ++r) {
+        a[2 * r] = _mm512_fmadd_ps(ld_bf16(c + r * 32), u, a[2 * r]);
+        a[2 * r + 1] = _mm512_fmadd_ps(ld_bf16(c + r * 32 + 16), uh, a[2 * r + 1]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) y[n0 + r] = finish(_mm512_add_ps(a[2 * r], a[2 * r + 1]), 0, bias, n0 + r);
+  }
+}
+
 void bf16_mm(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M,
              const float* bias, float* y, int nt) {
+  if (M == 1) {
+    bf16_one(w, N, K, x, bias, y, nt);
+    return;
+  }
   #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t n0 = 0; n0 < N; n0 += 4) {
     const uint16_t* b = w + n0 * K;

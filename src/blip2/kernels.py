@@ -211,10 +211,9 @@ def _(x, w, scale, bias):
 
 
 def packed_mm(x: Tensor, w: Tensor, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-    """y = (x @ unpacked(w)^T) * scale + bias, in fp32; x (M, K) any float dtype, scale/bias (N,)."""
+    """y = (x @ unpacked(w)^T) * scale + bias, in fp32; x (M, K) any float dtype, scale and bias
+    (N,) fp32 contiguous (Packable.fp32_extras keeps them so)."""
     x = x.float().contiguous()
-    scale = None if scale is None else scale.float().contiguous()
-    bias = None if bias is None else bias.float().contiguous()
     if torch.compiler.is_compiling():
         return _packed_mm_op(x, w, scale, bias)  # opaque to the compiler
     return _mm(x, w, scale, bias)  # eager: skip the op dispatcher (~10 us a call)
@@ -260,6 +259,18 @@ class Packable:
             w = getattr(self, self.packed_name)
             w.copy_(unpack(w, *self.block))
             self.block = None
+        self.__dict__.pop("_extras", None)
+
+    def fp32_extras(self) -> tuple[Tensor | None, Tensor | None]:
+        """(scale, bias) as the kernels take them, fp32 and contiguous, kept while packed: converting
+        them on every decode step cost as much time as the rest of the call's Python."""
+        c = self.__dict__.get("_extras")
+        if c is None:
+            c = tuple(None if t is None else t.detach().float().contiguous()
+                      for t in (getattr(self, "scales", None), getattr(self, "bias", None)))
+            if not torch.compiler.is_compiling():
+                self.__dict__["_extras"] = c
+        return c
 
     def row_major_weight(self) -> Tensor:
         w = getattr(self, self.packed_name)

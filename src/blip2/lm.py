@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import emulated_bf16
+
 # model_type -> (module, class). Adding a decoder family is adding a line here.
 LANGUAGE_MODELS: dict[str, tuple[str, str]] = {
     "opt": ("blip2.opt", "OPTForCausalLM"),
@@ -52,6 +54,13 @@ def attend(
     """q (B, nh, T, hs), k/v (B, nh, S, hs); mask bool (True = attend) or additive, broadcastable
     to (B, nh, T, S). Returns (B, nh, T, hs) and the (B, nh, T, S) weights when asked for."""
     if not need_weights:
+        if emulated_bf16(q):
+            # no bf16 matrix instructions: SDPA in fp32 on the (small) q/k/v is twice as fast
+            # (a decode step over 53 cached positions: 145 us -> 63 us per layer)
+            m = mask if mask is None or mask.dtype == torch.bool else mask.float()
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, dropout_p=dropout_p,
+                                               is_causal=is_causal, scale=scale)
+            return y.to(q.dtype), None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         return y, None
     att = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, nh, T, S)

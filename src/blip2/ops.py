@@ -99,17 +99,18 @@ def fp32_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """(x @ W^T) * scale + bias in fp32 for a block-packed w (see kernels.py): few rows through the
-    streaming kernels, many as one fp32 GEMM on the weight unpacked into the scratch buffer."""
+    """(x @ W^T) * scale + bias in fp32 for a block-packed w (see kernels.py); scale and bias fp32.
+    Few rows go through the streaming kernels, many as one fp32 GEMM on the weight unpacked into
+    the scratch buffer."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] < kernels.GEMV_MAX_ROWS:
         y = kernels.packed_mm(x2, w, scale, bias)
     else:
         y = F.linear(x2.float(), kernels.unpack_f32(w, scratch_f32(w.numel())))
         if scale is not None:
-            y = y * scale.float()
+            y = y * scale
         if bias is not None:
-            y = y + bias.float()
+            y = y + bias
     return y.view(*x.shape[:-1], w.shape[0])
 
 
@@ -117,7 +118,7 @@ class Linear(kernels.Packable, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.block is not None:
             if self.packed_ok(x):
-                return packed_linear(x, self.weight, None, self.bias).to(x.dtype)
+                return packed_linear(x, self.weight, *self.fp32_extras()).to(x.dtype)
             self.unpack_()
         if emulated_bf16(x):
             rows = x.numel() // x.shape[-1]

@@ -110,13 +110,13 @@ class Int8Linear(kernels.Packable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dt = self.scales.dtype
+        if self.block is not None:
+            if self.packed_ok(x):
+                y = ops.packed_linear(x.to(dt), self.qweight, *self.fp32_extras())  # fp32, scaled, biased
+                return y.to(dt).to(x.dtype)
+            self.unpack_()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dt)  # (M, K)
-        if self.block is not None:
-            if self.packed_ok(x2):
-                y = ops.packed_linear(x2, self.qweight, self.scales, self.bias)  # fp32, scaled, biased
-                return y.to(dt).reshape(*lead, self.out_features).to(x.dtype)
-            self.unpack_()
         if ops.emulated_bf16(x2) and x2.shape[0] >= INT8_UPCAST_MIN_ROWS:
             # many rows (prefill, batches) on a CPU without bf16 instructions: the int8 kernel is
             # compute-bound there, and fp32 GEMM on the int8 values (exact in fp32) is up to 1.7x
