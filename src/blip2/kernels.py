@@ -171,6 +171,17 @@ def pack(w: Tensor, R: int, C: int) -> Tensor:
     return out
 
 
+def pack_in_place(w: Tensor, R: int, C: int, scratch: Tensor | None = None) -> Tensor:
+    """Pack w's own memory (through a temporary, or `scratch`, a uint8 buffer of at least w's
+    bytes that is reused across calls). Returns w."""
+    n = w.numel() * w.element_size()
+    tmp = scratch[:n].view(w.dtype).view(w.shape) if scratch is not None else torch.empty_like(w)
+    N, K = w.shape
+    tmp.view(N // R, K // C, R, C).copy_(_blocked(w, R, C))
+    w.copy_(tmp)
+    return w
+
+
 def unpack(w: Tensor, R: int, C: int) -> Tensor:
     """Blocked (N, K) -> row-major, a new tensor."""
     N, K = w.shape
@@ -249,7 +260,7 @@ class Packable:
         if self.block is None and fits(w) and lib() is not None:
             # in place: a weight mmapped from a checkpoint (copy-on-write) turns into private
             # memory page by page, so resident memory does not hold it twice
-            w.copy_(pack(w, *BLOCK[w.dtype]))
+            pack_in_place(w, *BLOCK[w.dtype])
             self.block = BLOCK[w.dtype]
         return self.block is not None
 

@@ -302,6 +302,10 @@ class _StreamingReader:
     def is_float(self, k) -> bool:
         return k not in self._virt and self.reader.is_float(k)
 
+    def is_fresh(self, k) -> bool:
+        """get(k) returns memory made for the caller (may be changed in place), not the file's."""
+        return k in self._virt
+
     def shape(self, k) -> tuple[int, ...]:
         if k not in self._virt:
             return self.reader.shape(k)
