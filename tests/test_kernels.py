@@ -53,9 +53,19 @@ def test_packed_products(dtype, rows):
     if scale is not None:
         ref = ref * scale.double()
     ref = ref + bias.double()
-    y = ops.packed_linear(x, kernels.pack(w, *kernels.BLOCK[dtype]), scale, bias)
+    p = kernels.pack(w, *kernels.BLOCK[dtype])
+    y = ops.packed_linear(x, p, scale, bias)
     assert y.dtype == torch.float32 and y.shape == (rows, N)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().mean()))
+    # bf16 activations: the same fp32 sums (of the bf16 x), rounded to bf16 once
+    xb = x.bfloat16()
+    yb = ops.packed_linear(xb, p, scale, bias)
+    want = ops.packed_linear(xb.float(), p, scale, bias).bfloat16()
+    assert yb.shape == (rows, N)
+    if rows < kernels.GEMV_MAX_ROWS:
+        assert yb.dtype == torch.bfloat16 and torch.equal(yb, want)
+    else:
+        torch.testing.assert_close(yb.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 def _layers(dtype):

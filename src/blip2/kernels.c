@@ -185,3 +185,46 @@ void bf16_unpack_f32(const uint16_t* w, int64_t N, int64_t K, float* out, int nt
         for (int j = 0; j < 32; j += 16)
           _mm512_storeu_ps(out + (n0 + r) * K + k + j, ld_bf16(w + n0 * K + k * 4 + r * 32 + j));
 }
+
+// The same products for bf16 activations in and out (a bf16 model's decode step): converting here
+// saves two torch ops per layer call. fp32 inside; the result is rounded to nearest-even once.
+#include <stdlib.h>
+#include <string.h>
+
+static float* bf16_to_f32(const uint16_t* x, int64_t n) {
+  float* f = (float*)malloc(n * sizeof(float));
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u = (uint32_t)x[i] << 16;
+    memcpy(f + i, &u, 4);
+  }
+  return f;
+}
+
+static void f32_to_bf16(const float* f, int64_t n, uint16_t* y) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    memcpy(&u, f + i, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) y[i] = (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    else y[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+void q8_mm_bf16(const int8_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M,
+                const float* scale, const float* bias, uint16_t* y, int nt) {
+  float* xf = bf16_to_f32(x, M * K);
+  float* yf = (float*)malloc(M * N * sizeof(float));
+  q8_mm(w, N, K, xf, M, scale, bias, yf, nt);
+  f32_to_bf16(yf, M * N, y);
+  free(xf);
+  free(yf);
+}
+
+void bf16_mm_bf16(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M,
+                  const float* bias, uint16_t* y, int nt) {
+  float* xf = bf16_to_f32(x, M * K);
+  float* yf = (float*)malloc(M * N * sizeof(float));
+  bf16_mm(w, N, K, xf, M, bias, yf, nt);
+  f32_to_bf16(yf, M * N, y);
+  free(xf);
+  free(yf);
+}

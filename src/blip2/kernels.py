@@ -92,7 +92,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bf16_mm.argtypes = [P, I64, I64, P, I64, P, P, I]
     lib.q8_unpack_f32.argtypes = [P, I64, I64, P, I]
     lib.bf16_unpack_f32.argtypes = [P, I64, I64, P, I]
-    for f in (lib.q8_mm, lib.bf16_mm, lib.q8_unpack_f32, lib.bf16_unpack_f32):
+    lib.q8_mm_bf16.argtypes = lib.q8_mm.argtypes
+    lib.bf16_mm_bf16.argtypes = lib.bf16_mm.argtypes
+    for f in (lib.q8_mm, lib.bf16_mm, lib.q8_unpack_f32, lib.bf16_unpack_f32, lib.q8_mm_bf16, lib.bf16_mm_bf16):
         f.restype = None
     return lib
 
@@ -199,15 +201,18 @@ def _ptr(t: Optional[Tensor]):
 
 
 def _mm(x: Tensor, w: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """x (M, K) fp32 contiguous, w packed (N, K) -> (M, N) fp32."""
+    """x (M, K) fp32 or bf16 contiguous, w packed (N, K) -> (M, N) in x's dtype (computed in fp32)."""
     M, K = x.shape
     N = w.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
+    y = torch.empty(M, N, dtype=x.dtype)
     nt = torch.get_num_threads()
+    bf = x.dtype == torch.bfloat16
     if w.dtype == torch.int8:
-        _lib.q8_mm(w.data_ptr(), N, K, x.data_ptr(), M, _ptr(scale), _ptr(bias), y.data_ptr(), nt)
+        f = _lib.q8_mm_bf16 if bf else _lib.q8_mm
+        f(w.data_ptr(), N, K, x.data_ptr(), M, _ptr(scale), _ptr(bias), y.data_ptr(), nt)
     else:
-        _lib.bf16_mm(w.data_ptr(), N, K, x.data_ptr(), M, _ptr(bias), y.data_ptr(), nt)
+        f = _lib.bf16_mm_bf16 if bf else _lib.bf16_mm
+        f(w.data_ptr(), N, K, x.data_ptr(), M, _ptr(bias), y.data_ptr(), nt)
     return y
 
 
@@ -218,13 +223,14 @@ def _packed_mm_op(x: Tensor, w: Tensor, scale: Optional[Tensor], bias: Optional[
 
 @_packed_mm_op.register_fake
 def _(x, w, scale, bias):
-    return x.new_empty(x.shape[0], w.shape[0])
+    return x.new_empty(x.shape[0], w.shape[0])  # in x's dtype
 
 
 def packed_mm(x: Tensor, w: Tensor, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-    """y = (x @ unpacked(w)^T) * scale + bias, in fp32; x (M, K) any float dtype, scale and bias
-    (N,) fp32 contiguous (Packable.fp32_extras keeps them so)."""
-    x = x.float().contiguous()
+    """y = (x @ unpacked(w)^T) * scale + bias computed in fp32; x (M, K) any float dtype, scale and
+    bias (N,) fp32 contiguous (Packable.fp32_extras keeps them so). y is bf16 for bf16 x (rounded
+    once, in C), else fp32."""
+    x = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
     if torch.compiler.is_compiling():
         return _packed_mm_op(x, w, scale, bias)  # opaque to the compiler
     return _mm(x, w, scale, bias)  # eager: skip the op dispatcher (~10 us a call)

@@ -99,9 +99,9 @@ def fp32_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """(x @ W^T) * scale + bias in fp32 for a block-packed w (see kernels.py); scale and bias fp32.
-    Few rows go through the streaming kernels, many as one fp32 GEMM on the weight unpacked into
-    the scratch buffer."""
+    """(x @ W^T) * scale + bias, computed in fp32, for a block-packed w (see kernels.py); scale and
+    bias fp32. Few rows go through the streaming kernels (the result in bf16 for bf16 x, rounded
+    once), many as one fp32 GEMM on the weight unpacked into the scratch buffer (fp32). Callers cast."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] < kernels.GEMV_MAX_ROWS:
         y = kernels.packed_mm(x2, w, scale, bias)
