@@ -36,133 +36,116 @@ static inline float finish(__m512 a, const float* scale, const float* bias, int6
   return v;
 }
 
-// One block of 8 int8 rows against x rows [m, m+1] (two == 1) or row m alone.
-static inline void q8_block(const int8_t* b, int64_t K, const float* x0, const float* x1, int two,
-                            int prefetch, float* y0, float* y1, const float* scale, const float* bias, int64_t n0) {
+// One block of 8 int8 rows against one x row. Inlined with prefetch constant, so the decode-step
+// loop has no branch inside (measurably faster than one function that also takes row pairs).
+static inline void q8_row(const int8_t* b, int64_t K, const float* x, int prefetch,
+                          float* y, const float* scale, const float* bias, int64_t n0) {
+  __m512 a[8];
+  for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const int8_t* c = b + k * 8;
+    if (prefetch) pf(c, 8);
+    for (int j = 0; j < 64; j += 16) {
+      __m512 u = _mm512_loadu_ps(x + k + j);
+      for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(ld_i8(c + r * 64 + j), u, a[r]);
+    }
+  }
+  for (int r = 0; r < 8; ++r) y[n0 + r] = finish(a[r], scale, bias, n0 + r);
+}
+
+// The same block against two x rows: each weight is converted once for both.
+static inline void q8_pair(const int8_t* b, int64_t K, const float* x0, const float* x1, int prefetch,
+                           float* y0, float* y1, const float* scale, const float* bias, int64_t n0) {
   __m512 a0[8], a1[8];
   for (int r = 0; r < 8; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {
     const int8_t* c = b + k * 8;
     if (prefetch) pf(c, 8);
     for (int j = 0; j < 64; j += 16) {
-      __m512 u0 = _mm512_loadu_ps(x0 + k + j);
-      if (two) {
-        __m512 u1 = _mm512_loadu_ps(x1 + k + j);
-        for (int r = 0; r < 8; ++r) {
-          __m512 w = ld_i8(c + r * 64 + j);
-          a0[r] = _mm512_fmadd_ps(w, u0, a0[r]);
-          a1[r] = _mm512_fmadd_ps(w, u1, a1[r]);
-        }
-      } else {
-        for (int r = 0; r < 8; ++r) a0[r] = _mm512_fmadd_ps(ld_i8(c + r * 64 + j), u0, a0[r]);
+      __m512 u0 = _mm512_loadu_ps(x0 + k + j), u1 = _mm512_loadu_ps(x1 + k + j);
+      for (int r = 0; r < 8; ++r) {
+        __m512 w = ld_i8(c + r * 64 + j);
+        a0[r] = _mm512_fmadd_ps(w, u0, a0[r]);
+        a1[r] = _mm512_fmadd_ps(w, u1, a1[r]);
       }
     }
   }
   for (int r = 0; r < 8; ++r) {
     y0[n0 + r] = finish(a0[r], scale, bias, n0 + r);
-    if (two) y1[n0 + r] = finish(a1[r], scale, bias, n0 + r);
-  }
-}
-
-// One x row (a decode step): the loop on its own, with no branch inside, streams measurably faster.
-static void q8_one(const int8_t* w, int64_t N, int64_t K, const float* x,
-                   const float* scale, const float* bias, float* y, int nt) {
-  #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t n0 = 0; n0 < N; n0 += 8) {
-    const int8_t* b = w + n0 * K;
-    __m512 a[8];
-    for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-      const int8_t* c = b + k * 8;
-      pf(c, 8);
-      for (int j = 0; j < 64; j += 16) {
-        __m512 u = _mm512_loadu_ps(x + k + j);
-        for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(ld_i8(c + r * 64 + j), u, a[r]);
-      }
-    }
-    for (int r = 0; r < 8; ++r) y[n0 + r] = finish(a[r], scale, bias, n0 + r);
+    y1[n0 + r] = finish(a1[r], scale, bias, n0 + r);
   }
 }
 
 void q8_mm(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M,
            const float* scale, const float* bias, float* y, int nt) {
   if (M == 1) {
-    q8_one(w, N, K, x, scale, bias, y, nt);
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n0 = 0; n0 < N; n0 += 8) q8_row(w + n0 * K, K, x, 1, y, scale, bias, n0);
     return;
   }
   #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t n0 = 0; n0 < N; n0 += 8) {
     const int8_t* b = w + n0 * K;
-    // the first pass streams the block from memory; later row pairs find it in L1/L2
-    for (int64_t m = 0; m < M; m += 2) {
-      int two = m + 1 < M;
-      q8_block(b, K, x + m * K, x + (m + two) * K, two, m == 0, y + m * N, y + (m + two) * N, scale, bias, n0);
-    }
+    // the first pass streams the block from memory; later rows find it in L1/L2
+    int64_t m = 0;
+    for (; m + 1 < M; m += 2) q8_pair(b, K, x + m * K, x + (m + 1) * K, m == 0, y + m * N, y + (m + 1) * N, scale, bias, n0);
+    if (m < M) q8_row(b, K, x + m * K, 0, y + m * N, scale, bias, n0);
   }
 }
 
-static inline void bf16_block(const uint16_t* b, int64_t K, const float* x0, const float* x1, int two,
-                              int prefetch, float* y0, float* y1, const float* bias, int64_t n0) {
-  __m512 a0[8], a1[8];  // [2r] and [2r+1]: row r, the two 16-wide halves of a chunk
+// bf16: blocks of 4 rows; accumulators [2r] and [2r+1] hold row r's two 16-wide halves of a chunk.
+static inline void bf16_row(const uint16_t* b, int64_t K, const float* x, int prefetch,
+                            float* y, const float* bias, int64_t n0) {
+  __m512 a[8];
+  for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const uint16_t* c = b + k * 4;
+    if (prefetch) pf(c, 4);
+    __m512 u = _mm512_loadu_ps(x + k), uh = _mm512_loadu_ps(x + k + 16);
+    for (int r = 0; r < 4; ++r) {
+      a[2 * r] = _mm512_fmadd_ps(ld_bf16(c + r * 32), u, a[2 * r]);
+      a[2 * r + 1] = _mm512_fmadd_ps(ld_bf16(c + r * 32 + 16), uh, a[2 * r + 1]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) y[n0 + r] = finish(_mm512_add_ps(a[2 * r], a[2 * r + 1]), 0, bias, n0 + r);
+}
+
+static inline void bf16_pair(const uint16_t* b, int64_t K, const float* x0, const float* x1, int prefetch,
+                             float* y0, float* y1, const float* bias, int64_t n0) {
+  __m512 a0[8], a1[8];
   for (int r = 0; r < 8; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     const uint16_t* c = b + k * 4;
     if (prefetch) pf(c, 4);
     __m512 u0 = _mm512_loadu_ps(x0 + k), u0h = _mm512_loadu_ps(x0 + k + 16);
-    if (two) {
-      __m512 u1 = _mm512_loadu_ps(x1 + k), u1h = _mm512_loadu_ps(x1 + k + 16);
-      for (int r = 0; r < 4; ++r) {
-        __m512 w = ld_bf16(c + r * 32), wh = ld_bf16(c + r * 32 + 16);
-        a0[2 * r] = _mm512_fmadd_ps(w, u0, a0[2 * r]);
-        a0[2 * r + 1] = _mm512_fmadd_ps(wh, u0h, a0[2 * r + 1]);
-        a1[2 * r] = _mm512_fmadd_ps(w, u1, a1[2 * r]);
-        a1[2 * r + 1] = _mm512_fmadd_ps(wh, u1h, a1[2 * r + 1]);
-      }
-    } else {
-      for (int r = 0; r < 4; ++r) {
-        a0[2 * r] = _mm512_fmadd_ps(ld_bf16(c + r * 32), u0, a0[2 * r]);
-        a0[2 * r + 1] = _mm512_fmadd_ps(ld_bf16(c + r * 32 + 16), u0h, a0[2 * r + 1]);
-      }
+    __m512 u1 = _mm512_loadu_ps(x1 + k), u1h = _mm512_loadu_ps(x1 + k + 16);
+    for (int r = 0; r < 4; ++r) {
+      __m512 w = ld_bf16(c + r * 32), wh = ld_bf16(c + r * 32 + 16);
+      a0[2 * r] = _mm512_fmadd_ps(w, u0, a0[2 * r]);
+      a0[2 * r + 1] = _mm512_fmadd_ps(wh, u0h, a0[2 * r + 1]);
+      a1[2 * r] = _mm512_fmadd_ps(w, u1, a1[2 * r]);
+      a1[2 * r + 1] = _mm512_fmadd_ps(wh, u1h, a1[2 * r + 1]);
     }
   }
   for (int r = 0; r < 4; ++r) {
     y0[n0 + r] = finish(_mm512_add_ps(a0[2 * r], a0[2 * r + 1]), 0, bias, n0 + r);
-    if (two) y1[n0 + r] = finish(_mm512_add_ps(a1[2 * r], a1[2 * r + 1]), 0, bias, n0 + r);
-  }
-}
-
-static void bf16_one(const uint16_t* w, int64_t N, int64_t K, const float* x, const float* bias, float* y, int nt) {
-  #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t n0 = 0; n0 < N; n0 += 4) {
-    const uint16_t* b = w + n0 * K;
-    __m512 a[8];
-    for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      const uint16_t* c = b + k * 4;
-      pf(c, 4);
-      __m512 u = _mm512_loadu_ps(x + k), uh = _mm512_loadu_ps(x + k + 16);
-      for (int r = 0; r < 4; ++r) {
-        a[2 * r] = _mm512_fmadd_ps(ld_bf16(c + r * 32), u, a[2 * r]);
-        a[2 * r + 1] = _mm512_fmadd_ps(ld_bf16(c + r * 32 + 16), uh, a[2 * r + 1]);
-      }
-    }
-    for (int r = 0; r < 4; ++r) y[n0 + r] = finish(_mm512_add_ps(a[2 * r], a[2 * r + 1]), 0, bias, n0 + r);
+    y1[n0 + r] = finish(_mm512_add_ps(a1[2 * r], a1[2 * r + 1]), 0, bias, n0 + r);
   }
 }
 
 void bf16_mm(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M,
              const float* bias, float* y, int nt) {
   if (M == 1) {
-    bf16_one(w, N, K, x, bias, y, nt);
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n0 = 0; n0 < N; n0 += 4) bf16_row(w + n0 * K, K, x, 1, y, bias, n0);
     return;
   }
   #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t n0 = 0; n0 < N; n0 += 4) {
     const uint16_t* b = w + n0 * K;
-    for (int64_t m = 0; m < M; m += 2) {
-      int two = m + 1 < M;
-      bf16_block(b, K, x + m * K, x + (m + two) * K, two, m == 0, y + m * N, y + (m + two) * N, bias, n0);
-    }
+    int64_t m = 0;
+    for (; m + 1 < M; m += 2) bf16_pair(b, K, x + m * K, x + (m + 1) * K, m == 0, y + m * N, y + (m + 1) * N, bias, n0);
+    if (m < M) bf16_row(b, K, x + m * K, 0, y + m * N, bias, n0);
   }
 }
 

@@ -1,22 +1,23 @@
 """Block-packed weights and the CPU kernels that stream them (kernels.c), for decode steps.
 
 A decode step is a matrix-vector product per linear layer: its speed is the rate at which the
-weights come in from memory. torch's kernels read bf16 weights at 17-23 GB/s and int8 ones (through
-`_weight_int8pack_mm`) at 11-17 GB/s on this project's 2-core AVX-512 VM, where a plain sum reads
-24 GB/s; kernels.c reads weights stored in small row blocks (see its header) at 21-25 GB/s in both
-dtypes. That takes a language model's decode step to within a few percent of the read floor.
+weights come in from memory. On this project's 2-core AVX-512 VM, torch reads row-major bf16
+weights at 19-25 GB/s (`torch.mv`) and int8 ones at 13-17 GB/s (`_weight_int8pack_mm`), where a
+plain fp32 sum reads 28-30; kernels.c reads weights stored in small row blocks (see its header)
+at 26-30 GB/s in both dtypes.
 
-How it is used. `pack_(model)` rewrites, in place, the weights of every eligible layer inside
-(`ops.Linear` with bf16 weights, `quantize.Int8Linear`) into the blocked layout and marks the
-layer; from_pretrained calls it for the language model on CPU. A packed layer keeps its tensor's
-shape and dtype, and the layout is invisible from outside: state_dict() writes row-major weights,
-load_state_dict() takes them, and a layer that was moved or cast, or that is trained (grad
-through its weight), unpacks itself at its next forward. Products with many rows (prefill,
-batches) unpack into an fp32 buffer for one GEMM, as the unpacked layers do.
+How it is used. from_pretrained on CPU loads the language model's eligible weights (`ops.Linear`
+in bf16, `quantize.Int8Linear`) already in the blocked layout and marks their layers
+(`PreTrainedModel._pack_plan`); `pack_(module)` does the same in place for a model built another
+way. A packed layer keeps its tensor's shape and dtype, and the layout is invisible from outside:
+state_dict() writes row-major weights, load_state_dict() takes them, and a layer that was moved
+or cast, or that is trained (grad through its weight), unpacks itself at its next forward.
+Products with many rows (prefill, batches) unpack into an fp32 buffer for one GEMM, as the
+unpacked layers do.
 
 The kernels are C, compiled on first use with the system's C compiler (`cc -O3 -march=native
--fopenmp`, about a second) into ~/.cache/blip2/kernels (or $BLIP2_KERNEL_CACHE) and loaded with
-ctypes; they share torch's OpenMP runtime. Without a compiler, without AVX-512, or with
+-fopenmp`, about half a second) into ~/.cache/blip2/kernels (or $BLIP2_KERNEL_CACHE) and loaded
+with ctypes; they share torch's OpenMP runtime. Without a compiler, without AVX-512, or with
 BLIP2_NO_KERNELS=1, nothing is packed and torch's kernels run as before.
 """
 
@@ -151,12 +152,19 @@ def available() -> bool:
 
 
 # --- the layout, in torch (so packing works for any dtype and device) ---
+def block_for(dtype: torch.dtype, shape) -> tuple[int, int] | None:
+    """The block a weight of this dtype and shape packs in: int8 or bf16, 2-D, a whole number of
+    blocks; else None."""
+    block = BLOCK.get(dtype)
+    if block is None or len(shape) != 2 or shape[0] % block[0] or shape[1] % block[1]:
+        return None
+    return block
+
+
 def fits(w: Tensor) -> bool:
-    """w can be packed: int8 or bf16, 2-D, on CPU, its shape a multiple of the block."""
-    if w.dtype not in BLOCK or w.dim() != 2 or w.device.type != "cpu" or w.is_meta:
-        return False
-    R, C = BLOCK[w.dtype]
-    return w.shape[0] % R == 0 and w.shape[1] % C == 0 and w.is_contiguous()
+    """w can be packed here and now: a packable dtype and shape, contiguous, on CPU."""
+    return (block_for(w.dtype, w.shape) is not None and w.device.type == "cpu" and not w.is_meta
+            and w.is_contiguous())
 
 
 def _blocked(w: Tensor, R: int, C: int) -> Tensor:

@@ -388,8 +388,8 @@ class PreTrainedModel(nn.Module):
             key = f"{pre}{name}.{m.packed_name}"
             w = getattr(m, m.packed_name)
             final = w.dtype if not w.is_floating_point() else (torch.float32 if self._fp32_keep(key, dtype) else dtype)
-            block = kernels.BLOCK.get(final)
-            if key not in tied and block and w.dim() == 2 and w.shape[0] % block[0] == 0 and w.shape[1] % block[1] == 0:
+            block = kernels.block_for(final, w.shape)
+            if key not in tied and block:
                 plan[key] = block
         return plan
 
