@@ -9,6 +9,11 @@
 //   int8 (N, K): blocks of 8 rows; a block holds K/64 chunks, each 8 rows x 64 values in a row.
 //   bf16 (N, K): blocks of 4 rows; a block holds K/32 chunks, each 4 rows x 32 values in a row.
 // A chunk is 512 or 256 contiguous bytes; a block is 8K bytes in both (8 x K int8, 4 x K bf16).
+//   int4 (N, K): blocks of 64 rows; a block holds K/8 chunks of 64 dwords, dword r holding row r's
+//   8 values for the chunk's 8 columns (column t in bits 4t..4t+3). 256 bytes a chunk, 32K a block.
+//   (q4_pack / q4_unpack convert from / to the layout of torch's _convert_weight_to_int4pack_for_cpu.)
+//   Its scales and zeros (K/G, N, 2) are stored block by block too, (N/64, K/G, 64, 2), so that
+//   they stream alongside (read in torch's order they were a cache miss per group: 1.6x slower).
 //
 // y (M, N) fp32 = x (M, K) fp32 @ W^T, times scale[n] if given, plus bias[n] if given. Products of
 // int8 or bf16 values with fp32 are exact in fp32 (before the add); sums are in fp32.
@@ -210,4 +215,167 @@ void bf16_mm_bf16(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, in
   f32_to_bf16(yf, M * N, y);
   free(xf);
   free(yf);
+}
+
+// --- int4, group-wise: w = (q - 8) * s + z, q in [0, 15], (s, z) per row and group of G columns ---
+// Here a vector lane is a row (16 rows per register), so per-row group scales apply with one
+// vector FMA per group, and results are stored without a horizontal sum. A nibble becomes its
+// float (q - 8) by a table lookup (vpermps reads only an index's low 4 bits, so a shift is all the
+// unpacking a column needs). y = sum_g s_g * sum_{k in g} (q - 8) x_k + z_g * sum_{k in g} x_k.
+
+// 16 consecutive (s, z) pairs from pair i of sz, bf16 or fp32
+static inline void ld_sz(const void* sz, int f32, int64_t i, __m512* s, __m512* z) {
+  if (f32) {
+    const float* p = (const float*)sz + 2 * i;
+    __m512 lo = _mm512_loadu_ps(p), hi = _mm512_loadu_ps(p + 16);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    *s = _mm512_permutex2var_ps(lo, even, hi);
+    *z = _mm512_permutex2var_ps(lo, _mm512_add_epi32(even, _mm512_set1_epi32(1)), hi);
+  } else {  // a dword is (s, z) as two bf16: s is its low half, z its high half
+    __m512i v = _mm512_loadu_si512((const uint16_t*)sz + 2 * i);
+    *s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+  }
+}
+
+// One block of 64 rows against one x row (two = 0) or two (two = 1; each weight is converted once
+// for both). Inlined with `two` and `prefetch` constant. xs: x's sums per group.
+static inline void q4_block(const uint32_t* b, int64_t K, int64_t G, const float* x0, const float* x1,
+                            const float* xs0, const float* xs1, int two, int prefetch,
+                            const void* sz, int f32, int64_t n0, float* y0, float* y1, const float* bias) {
+  const __m512 tab = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 t0[4], t1[4];
+  for (int j = 0; j < 4; ++j) t0[j] = t1[j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / G; ++g) {
+    // one row: two accumulators per 16 rows (even and odd columns), so more FMAs are in flight
+    __m512 a0[8], a1[4];
+    for (int j = 0; j < 8; ++j) a0[j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) a1[j] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+      const uint32_t* c = b + k * 8;  // chunk k/8: 64 dwords
+      if (prefetch) {
+        pf(c, 4);
+        if (k == g * G) pf((const char*)sz + (n0 * (K / G) + g * 64) * (f32 ? 8 : 4), f32 ? 8 : 4);
+      }
+      for (int j = 0; j < 4; ++j) {
+        __m512i v = _mm512_loadu_si512(c + 16 * j);
+        for (int t = 0; t < 8; ++t) {
+          __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * t), tab);
+          if (two) {
+            a0[j] = _mm512_fmadd_ps(w, _mm512_set1_ps(x0[k + t]), a0[j]);
+            a1[j] = _mm512_fmadd_ps(w, _mm512_set1_ps(x1[k + t]), a1[j]);
+          } else {
+            a0[2 * j + (t & 1)] = _mm512_fmadd_ps(w, _mm512_set1_ps(x0[k + t]), a0[2 * j + (t & 1)]);
+          }
+        }
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      __m512 s, z;
+      ld_sz(sz, f32, n0 * (K / G) + g * 64 + 16 * j, &s, &z);
+      __m512 p = two ? a0[j] : _mm512_add_ps(a0[2 * j], a0[2 * j + 1]);
+      t0[j] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs0[g]), _mm512_fmadd_ps(p, s, t0[j]));
+      if (two) t1[j] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs1[g]), _mm512_fmadd_ps(a1[j], s, t1[j]));
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    __m512 bj = bias ? _mm512_loadu_ps(bias + n0 + 16 * j) : _mm512_setzero_ps();
+    _mm512_storeu_ps(y0 + n0 + 16 * j, _mm512_add_ps(t0[j], bj));
+    if (two) _mm512_storeu_ps(y1 + n0 + 16 * j, _mm512_add_ps(t1[j], bj));
+  }
+}
+
+// y (M, N) = x (M, K) @ W^T + bias; sz blocked scales and zeros in bf16 (f32 = 0) or fp32 (f32 = 1)
+void q4_mm(const uint32_t* w, int64_t N, int64_t K, int64_t G, const float* x, int64_t M,
+           const void* sz, int f32, const float* bias, float* y, int nt) {
+  int64_t ng = K / G;
+  float* xs = (float*)malloc(M * ng * sizeof(float));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      float a = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) a += x[m * K + k];
+      xs[m * ng + g] = a;
+    }
+  if (M == 1) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n0 = 0; n0 < N; n0 += 64)
+      q4_block(w + n0 * K / 8, K, G, x, 0, xs, 0, 0, 1, sz, f32, n0, y, 0, bias);
+  } else {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      const uint32_t* b = w + n0 * K / 8;
+      int64_t m = 0;
+      for (; m + 1 < M; m += 2)
+        q4_block(b, K, G, x + m * K, x + (m + 1) * K, xs + m * ng, xs + (m + 1) * ng, 1, m == 0,
+                 sz, f32, n0, y + m * N, y + (m + 1) * N, bias);
+      if (m < M) q4_block(b, K, G, x + m * K, 0, xs + m * ng, 0, 0, 0, sz, f32, n0, y + m * N, 0, bias);
+    }
+  }
+  free(xs);
+}
+
+void q4_mm_bf16(const uint32_t* w, int64_t N, int64_t K, int64_t G, const uint16_t* x, int64_t M,
+                const void* sz, int f32, const float* bias, uint16_t* y, int nt) {
+  float* xf = bf16_to_f32(x, M * K);
+  float* yf = (float*)malloc(M * N * sizeof(float));
+  q4_mm(w, N, K, G, xf, M, sz, f32, bias, yf, nt);
+  f32_to_bf16(yf, M * N, y);
+  free(xf);
+  free(yf);
+}
+
+// Packed int4 -> row-major fp32 (N, K) dequantized weights, for products with many rows.
+void q4_unpack_f32(const uint32_t* w, int64_t N, int64_t K, int64_t G, const void* sz, int f32,
+                   float* out, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const uint32_t* b = w + n0 * K / 8;
+    for (int64_t g = 0; g < K / G; ++g)
+      for (int j = 0; j < 4; ++j) {
+        __m512 s, z;
+        float sv[16], zv[16];
+        ld_sz(sz, f32, n0 * (K / G) + g * 64 + 16 * j, &s, &z);
+        _mm512_storeu_ps(sv, s);
+        _mm512_storeu_ps(zv, z);
+        for (int i = 0; i < 16; ++i) {
+          int64_t r = 16 * j + i;
+          float* o = out + (n0 + r) * K;
+          for (int64_t k = g * G; k < (g + 1) * G; ++k)
+            o[k] = ((float)((b[(k / 8) * 64 + r] >> (4 * (k % 8))) & 15u) - 8.0f) * sv[i] + zv[i];
+        }
+      }
+  }
+}
+
+// torch's int4pack layout (blocks of 64 rows: K rows of 32 bytes, byte j of row k holding row j's
+// value in its low nibble and row 32 + j's in its high one) <-> ours. src and dst must not overlap.
+void q4_pack(const uint8_t* src, uint32_t* dst, int64_t N, int64_t K, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const uint8_t* s = src + n0 * K / 2;
+    uint32_t* d = dst + n0 * K / 8;
+    for (int64_t c = 0; c < K / 8; ++c) {
+      uint32_t acc[64] = {0};
+      for (int t = 0; t < 8; ++t) {
+        const uint8_t* row = s + (8 * c + t) * 32;
+        for (int r = 0; r < 32; ++r) {
+          acc[r] |= (uint32_t)(row[r] & 15u) << (4 * t);
+          acc[32 + r] |= (uint32_t)(row[r] >> 4) << (4 * t);
+        }
+      }
+      memcpy(d + 64 * c, acc, sizeof acc);
+    }
+  }
+}
+
+void q4_unpack(const uint32_t* src, uint8_t* dst, int64_t N, int64_t K, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const uint32_t* s = src + n0 * K / 8;
+    uint8_t* d = dst + n0 * K / 2;
+    for (int64_t c = 0; c < K / 8; ++c)
+      for (int t = 0; t < 8; ++t)
+        for (int r = 0; r < 32; ++r)
+          d[(8 * c + t) * 32 + r] = (uint8_t)(((s[64 * c + r] >> (4 * t)) & 15u) | (((s[64 * c + 32 + r] >> (4 * t)) & 15u) << 4));
+  }
 }

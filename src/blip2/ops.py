@@ -100,18 +100,23 @@ def fp32_weight(w: torch.Tensor) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """(x @ W^T) * scale + bias, computed in fp32, for a block-packed w (see kernels.py); scale and
-    bias fp32. Few rows go through the streaming kernels (the result in bf16 for bf16 x, rounded
+    bias fp32 (for int4 w, scale is its scales and zeros). Few rows go through the streaming kernels (the result in bf16 for bf16 x, rounded
     once), many as one fp32 GEMM on the weight unpacked into the scratch buffer (fp32). Callers cast."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    N = w.shape[0]
     if x2.shape[0] < kernels.GEMV_MAX_ROWS:
         y = kernels.packed_mm(x2, w, scale, bias)
+    elif w.dtype == torch.uint8:  # int4: scale is its scales and zeros, applied while unpacking
+        y = F.linear(x2.float(), kernels.unpack_f32(w, scratch_f32(N * x2.shape[1]), scale))
+        if bias is not None:
+            y = y + bias
     else:
         y = F.linear(x2.float(), kernels.unpack_f32(w, scratch_f32(w.numel())))
         if scale is not None:
             y = y * scale
         if bias is not None:
             y = y + bias
-    return y.view(*x.shape[:-1], w.shape[0])
+    return y.view(*x.shape[:-1], N)
 
 
 class Linear(kernels.Packable, nn.Linear):
@@ -120,6 +125,8 @@ class Linear(kernels.Packable, nn.Linear):
             if self.packed_ok(x):
                 return packed_linear(x, self.weight, *self.fp32_extras()).to(x.dtype)
             self.unpack_()
+        elif self.packed_copy and (w := self.kernel_copy(x)) is not None:
+            return packed_linear(x, w, *self.fp32_extras()).to(x.dtype)
         if emulated_bf16(x):
             rows = x.numel() // x.shape[-1]
             if rows == 1 and self.weight.dtype == torch.bfloat16:

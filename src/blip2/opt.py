@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import OPTConfig
 from .lm import KVCache, LMSession, attend, causal_lm_loss, causal_mask
 from .ops import Embedding, Linear, activation
@@ -35,11 +36,16 @@ class OPTAttention(nn.Module):
         self.v_proj = Linear(E, E, bias=b)
         self.out_proj = Linear(E, E, bias=b)
 
+    # from_pretrained loads these packed weights back to back, and a decode step reads them in one call
+    fuse_packed = (("q_proj", "k_proj", "v_proj"),)
+
     def forward(self, x, mask=None, cache=None, input_pos=None, need_weights=False):
         B, T, E = x.shape
-        q = (self.q_proj(x) * self.hs**-0.5).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)
+        qkv = kernels.fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, 3E), or None
+        q, k, v = qkv.split(E, -1) if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = (q * self.hs**-0.5).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.nh, self.hs).transpose(1, 2)
+        v = v.view(B, T, self.nh, self.hs).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nh, T_max, hs)
         p = self.dropout if self.training else 0.0

@@ -156,8 +156,23 @@ def unpack_int4(p: Tensor) -> Tensor:
     return torch.stack((b & 15, b >> 4), 1).reshape(N, K)
 
 
-class Int4Linear(nn.Module):
-    """Linear with 4-bit weights, one (scale, zero) pair per group of `group_size` input columns."""
+def _sz_blocked(sz: Tensor) -> Tensor:
+    """(K/G, N, 2) -> the same shape holding (N/64, K/G, 64, 2): each block of 64 rows' pairs together."""
+    g, N = sz.shape[:2]
+    return sz.view(g, N // INT4_BLOCK_N, INT4_BLOCK_N, 2).transpose(0, 1).contiguous().view(g, N, 2)
+
+
+def _sz_rows(sz: Tensor) -> Tensor:
+    """Inverse of _sz_blocked."""
+    g, N = sz.shape[:2]
+    return sz.view(N // INT4_BLOCK_N, g, INT4_BLOCK_N, 2).transpose(0, 1).contiguous().view(g, N, 2)
+
+
+class Int4Linear(kernels.Packable, nn.Module):
+    """Linear with 4-bit weights, one (scale, zero) pair per group of `group_size` input columns.
+    On CPU its qweight may be block-packed for kernels.c (kernels.pack_)."""
+
+    packed_name = "qweight"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
                  dtype=torch.float32, device=None):
@@ -195,13 +210,35 @@ class Int4Linear(nn.Module):
                     m.bias.copy_(lin.bias)
         return m
 
+    # While packed, scales_and_zeros keeps its shape (K/G, N, 2) but holds (N/64, K/G, 64, 2): the
+    # kernel reads it block by block, alongside the weight.
+    def _companions_(self, pack: bool) -> None:
+        sz = self.scales_and_zeros.data
+        sz.copy_(_sz_blocked(sz) if pack else _sz_rows(sz))
+
+    def row_major(self) -> dict[str, Tensor]:
+        sz = self.scales_and_zeros.detach()
+        return {"qweight": self.row_major_weight(), "scales_and_zeros": sz if self.block is None else _sz_rows(sz)}
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.scales_and_zeros.dtype
+
+    def _kernel_scale(self) -> Tensor:
+        sz = self.scales_and_zeros.detach()  # the kernels read it as it is, in bf16 or fp32
+        return sz.contiguous() if sz.dtype in (torch.bfloat16, torch.float32) else sz.float().contiguous()
+
     def dequantize(self) -> Tensor:
-        q = unpack_int4(self.qweight).to(self.scales_and_zeros.dtype)  # (N, K)
-        sz = self.scales_and_zeros.repeat_interleave(self.group_size, 0)  # (K, N, 2)
+        t = self.row_major()
+        q = unpack_int4(t["qweight"]).to(self.scales_and_zeros.dtype)  # (N, K)
+        sz = t["scales_and_zeros"].repeat_interleave(self.group_size, 0)  # (K, N, 2)
         return (q - 8) * sz[..., 0].T + sz[..., 1].T
 
     def forward(self, x: Tensor) -> Tensor:
         dt = self.scales_and_zeros.dtype
+        if self.block is not None:
+            if self.packed_ok(x):
+                return ops.packed_linear(x.to(dt), self.qweight, *self.fp32_extras()).to(dt).to(x.dtype)
+            self.unpack_()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dt)  # (M, K)
         if x2.device.type == "cpu" and _has_op("_weight_int4pack_mm_for_cpu"):

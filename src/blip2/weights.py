@@ -369,29 +369,49 @@ class PreTrainedModel(nn.Module):
             return False
         return any(key == m or key.startswith(m + ".") or f".{m}." in f".{key}" for m in self._keep_in_fp32_modules)
 
-    def _pack_plan(self, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, int]]:
+    def _pack_plan(self, dtype: torch.dtype, device: torch.device) -> tuple[dict, dict, list]:
         """The weights to load block-packed for kernels.c: on CPU, inside the language model (the
         weights decode steps stream), of layers that can be packed (kernels.Packable) in the dtype
-        they will have, and not tied to another weight (whose user reads it row-major)."""
+        they will have, and not tied to another weight (whose user reads it row-major).
+
+        Returns ({key: block}, {key: (group, first row, group rows, dtype)}, [layer]): the second
+        names the weights to load back to back into one buffer per group, the layers a module lists
+        in `fuse_packed` (kernels.fused_linear then serves them with one kernel call); the third, the
+        layers whose weight is tied but packable, which keep a packed copy (Packable.packed_copy)."""
         if device.type != "cpu" or not kernels.available():
-            return {}
+            return {}, {}, []
         lm = getattr(self, "language_model", None)
         pre = "language_model." if lm is not None else ""
         if lm is None and not hasattr(self, "lm_head"):
-            return {}
+            return {}, {}, []
         tied = self.tied_weights()
         tied = set(tied) | set(tied.values())
-        plan = {}
-        for name, m in (lm if lm is not None else self).named_modules():
+        plan, final, copies = {}, {}, []
+        root = lm if lm is not None else self
+        for name, m in root.named_modules():
             if not isinstance(m, kernels.Packable):
                 continue
             key = f"{pre}{name}.{m.packed_name}"
             w = getattr(m, m.packed_name)
-            final = w.dtype if not w.is_floating_point() else (torch.float32 if self._fp32_keep(key, dtype) else dtype)
-            block = kernels.block_for(final, w.shape)
-            if key not in tied and block:
+            final[key] = w.dtype if not w.is_floating_point() else (torch.float32 if self._fp32_keep(key, dtype) else dtype)
+            block = kernels.block_for(final[key], w.shape)
+            if key in tied and block:
+                copies.append(m)
+            elif block:
                 plan[key] = block
-        return plan
+        fuse = {}
+        for name, m in root.named_modules():
+            for group in getattr(m, "fuse_packed", ()):
+                layers = [m.get_submodule(c) for c in group]
+                keys = [f"{pre}{name}.{c}.{lay.packed_name}" for c, lay in zip(group, layers)]
+                shapes = [getattr(lay, lay.packed_name).shape for lay in layers]
+                if (kernels.fusable(layers) and all(k in plan for k in keys) and len({plan[k] for k in keys}) == 1
+                        and len({final[k] for k in keys}) == 1 and len({sh[1] for sh in shapes}) == 1):
+                    rows, r0 = sum(sh[0] for sh in shapes), 0
+                    for k, sh in zip(keys, shapes):
+                        fuse[k] = (keys[0], r0, rows, final[k])
+                        r0 += sh[0]
+        return plan, fuse, copies
 
     def _load_from(self, reader: _Reader, d: Path, dtype: torch.dtype, device: torch.device) -> None:
         ours = {k: t for k, t in self.state_dict(keep_vars=True).items()}
@@ -446,20 +466,30 @@ class PreTrainedModel(nn.Module):
                 + ". Check that the config.json and the weights belong together and to this class."
             )
 
-        pack = self._pack_plan(dtype, device)  # our key -> block, for kernels.c
+        pack, fuse, copies = self._pack_plan(dtype, device)  # our key -> block, for kernels.c
         rows = _RowReader(reader) if pack else None
+        groups: dict[str, torch.Tensor] = {}  # fused group -> its buffer
         sd = {}
         for ok, ck in mapping.items():
             target = ours[ok]
+            out = None
+            if ok in fuse:  # this weight's rows of its group's buffer
+                g, r0, n, dt = fuse[ok]
+                if g not in groups:
+                    groups[g] = torch.empty(n, target.shape[1], dtype=dt, device=device)
+                out = groups[g][r0:r0 + target.shape[0]]
             if ok in pack and getattr(reader, "is_fresh", lambda k: False)(ck):
                 # made for us (quantized while loading): pack it where it is, through a reused
                 # buffer (a fresh copy per layer would stay in the allocator's heap: +7% RSS)
-                t = kernels.pack_in_place(reader.get(ck), *pack[ok], scratch=rows.buffer(ours[ok]))
+                t = reader.get(ck)
+                t = kernels.pack_into(t, out, *pack[ok]) if out is not None else \
+                    kernels.pack_in_place(t, *pack[ok], scratch=rows.buffer(target))
             elif ok in pack:
                 # read by file reads (not the mmap) and laid out in blocks straight into the memory
                 # that will hold it: packing a mapped weight in place costs a copy-on-write fault
                 # per page (0.5 GB/s), and a packed copy would leave the mapped original resident
-                t = kernels.pack(rows.rows(ck, 0, target.shape[0], target.shape[1], reuse=True), *pack[ok])
+                t = rows.rows(ck, 0, target.shape[0], target.shape[1], reuse=True)
+                t = kernels.pack_into(t, out, *pack[ok]) if out is not None else kernels.pack(t, *pack[ok])
             else:
                 t = reader.get(ck)
             if t.is_floating_point():
@@ -472,7 +502,9 @@ class PreTrainedModel(nn.Module):
             rows.close()
         self.load_state_dict(sd, strict=False, assign=True)
         for ok, block in pack.items():
-            self.get_submodule(ok.rpartition(".")[0]).block = block
+            self.get_submodule(ok.rpartition(".")[0]).mark_packed(block)
+        for m in copies:
+            m.packed_copy = True
         self.tie_weights()
         # Anything still on meta was neither loaded nor tied: a bug in the class, not the file.
         left = [n for n, p in list(self.named_parameters()) + list(self.named_buffers()) if p.is_meta]
