@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hf_tiny import blip2_config, save_hf
 
 import blip2
@@ -66,6 +67,74 @@ def test_packed_products(dtype, rows):
         assert yb.dtype == torch.bfloat16 and torch.equal(yb, want)
     else:
         torch.testing.assert_close(yb.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+def test_int4_layout_round_trips_and_state_dict_is_torch_layout():
+    from blip2.quantize import Int4Linear, pack_int4
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (128, 96), generator=g, dtype=torch.uint8)
+    tl = pack_int4(q)  # torch's int4pack layout, Int4Linear's state_dict format
+    p = kernels.pack(tl, *kernels.BLOCK[torch.uint8])
+    # ours: per block of 64 rows and chunk of 8 columns, one dword per row, column t in bits 4t..4t+3
+    d = p.view(torch.int32).view(-1)[(1 * 12 + 5) * 64 + 7].item() & 0xFFFFFFFF  # block 1, chunk 5, row 7
+    assert [(d >> (4 * t)) & 15 for t in range(8)] == q[64 + 7, 40:48].tolist()
+    assert torch.equal(kernels.unpack(p, *kernels.BLOCK[torch.uint8]), tl)
+    lin = torch.nn.Linear(96, 128)
+    ref, lay = Int4Linear.from_linear(lin, 32), Int4Linear.from_linear(lin, 32)
+    assert lay.pack_() and lay.block == kernels.BLOCK[torch.uint8]
+    for k in ("qweight", "scales_and_zeros"):  # both re-laid in place, both row-major in state_dict
+        assert not torch.equal(getattr(lay, k), getattr(ref, k))
+        assert torch.equal(lay.state_dict()[k], getattr(ref, k))
+    assert torch.equal(lay.dequantize(), ref.dequantize())
+    lay.unpack_()
+    assert torch.equal(lay.qweight, ref.qweight) and torch.equal(lay.scales_and_zeros, ref.scales_and_zeros)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, kernels.GEMV_MAX_ROWS - 1, 70])
+@pytest.mark.parametrize("dtype,group", [(torch.bfloat16, 32), (torch.float32, 128), (torch.float16, 64)])
+def test_int4_packed_products(rows, dtype, group):
+    from blip2.quantize import Int4Linear, unpack_int4
+
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(256, 192)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(192, 256, generator=g) / 16)
+    lay = Int4Linear.from_linear(lin.to(dtype), group)
+    # the exact product of x with the dequantized weight ((q - 8) s + z, in float64)
+    q = unpack_int4(lay.qweight).double()
+    sz = lay.scales_and_zeros.double().repeat_interleave(group, 0)  # (K, N, 2)
+    w = (q - 8) * sz[..., 0].T + sz[..., 1].T
+    x = torch.randn(rows, 256, generator=g).to(dtype)
+    ref = x.double() @ w.T + lay.bias.double()
+    assert lay.pack_()
+    with torch.no_grad():
+        y = lay(x)
+    assert y.dtype == dtype and y.shape == (rows, 192)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]  # fp32 sums, one rounding to dtype
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().mean()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("S,D", [(53, 80), (17, 20)])
+def test_decode_attention_kernel_matches_sdpa(S, D):
+    g = torch.Generator().manual_seed(S)
+    B, H = 3, 4
+    q, k, v = (torch.randn(B, H, n, D, generator=g).bfloat16() for n in (1, S, S))
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[1] = False  # a row with nothing to attend: zeros, as SDPA gives
+    y = kernels.attend_one(q, k, v, mask, D ** -0.5)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=D ** -0.5)
+    assert y.shape == (B, H, 1, D) and y.dtype == torch.bfloat16
+    assert torch.equal(y[1], torch.zeros_like(y[1])) and torch.equal(ref[1], torch.zeros_like(ref[1]))
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)  # the same fp32 math, one bf16 rounding
+    assert (y == ref.bfloat16()).float().mean() > 0.98
+    # what it does not take goes back to SDPA
+    assert kernels.attend_one(q.float(), k.float(), v.float(), mask, 1.0) is None
+    assert kernels.attend_one(torch.cat([q, q], 2), k, v, None, 1.0) is None  # two queries per row
+    assert kernels.attend_one(q, k, v, mask.float(), 1.0) is None  # additive masks
 
 
 def _layers(dtype):
@@ -137,7 +206,7 @@ def _shrink_embeddings(m):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype,quantize", [(torch.bfloat16, None), (torch.float32, "int8")])
+@pytest.mark.parametrize("dtype,quantize", [(torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int4")])
 def test_from_pretrained_packs_the_language_model(ckpt, tmp_path, dtype, quantize):
     m = _shrink_embeddings(blip2.Blip2ForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, quantize=quantize))
     lm = m.language_model
@@ -154,7 +223,55 @@ def test_from_pretrained_packs_the_language_model(ckpt, tmp_path, dtype, quantiz
     assert torch.equal(again.generate(**kw), got)
     kernels.unpack_all_(m)
     assert not any(getattr(x, "block", None) for x in m.modules())
-    assert torch.equal(m.generate(**kw), got)  # torch's kernels, same greedy ids
+    if quantize != "int4":  # (torch's int4 kernel rounds its own way)
+        assert torch.equal(m.generate(**kw), got)  # torch's kernels, same greedy ids
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,quantize", [(torch.bfloat16, None), (torch.float32, "int8")])
+def test_qkv_weights_load_back_to_back_and_share_one_call(ckpt, dtype, quantize):
+    m = blip2.Blip2ForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, quantize=quantize)
+    for layer in m.language_model.model.decoder.layers:
+        a = layer.self_attn
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+        w = [getattr(x, x.packed_name) for x in qkv]
+        assert all(x.block for x in qkv)
+        assert [t.data_ptr() for t in w[1:]] == [t.data_ptr() + t.numel() * t.element_size() for t in w[:2]]
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        y = kernels.fused_linear(x, qkv)
+        assert y is not None and torch.equal(y, torch.cat([lay(x) for lay in qkv], -1))  # bitwise the layers'
+        assert kernels.fused_linear(torch.randn(1, kernels.GEMV_MAX_ROWS, 64).to(dtype), qkv) is None  # many rows
+        assert kernels.fused_linear(x.double(), qkv) is None  # not the layers' dtype
+        a.k_proj.unpack_()
+        assert kernels.fused_linear(x, qkv) is None  # one unpacked: each layer on its own again
+        y2 = torch.cat([lay(x) for lay in qkv], -1)
+    torch.testing.assert_close(y2, y, rtol=1e-2, atol=1e-2)  # k by torch's kernel now
+
+
+@needs_kernels
+def test_tied_head_keeps_a_packed_copy_that_follows_the_weight(ckpt):
+    m = blip2.Blip2ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16)
+    lm = m.language_model
+    head, emb = lm.lm_head, lm.get_input_embeddings()
+    assert head.weight is emb.weight and head.packed_copy and head.block is None
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).bfloat16()
+    want = lambda: (x.double() @ emb.weight.double().T)  # noqa: E731
+    with torch.no_grad():
+        y = head(x)
+        copy = head.__dict__["_copy"][1]
+        torch.testing.assert_close(y.double(), want(), rtol=1e-2, atol=1e-2)
+        assert torch.equal(y, kernels.packed_mm(x, copy).bfloat16())
+        emb.weight.mul_(-2)  # changed in place (as an optimizer step would): the copy follows
+        torch.testing.assert_close(head(x).double(), want(), rtol=1e-2, atol=1e-2)
+        assert head.__dict__["_copy"][1] is not copy
+        # more rows than the kernels take: the row-major weight, no copy needed
+        torch.testing.assert_close(head(x.expand(60, 64)).double(), want().expand(60, -1), rtol=1e-2, atol=1e-2)
+    assert "_copy" not in m.state_dict() and not any("_copy" in k for k in m.state_dict())
+    head.float()  # cast: the copy is dropped at the next call
+    with torch.no_grad():
+        head(x.float())
+    assert "_copy" not in head.__dict__
 
 
 @needs_kernels

@@ -379,3 +379,59 @@ void q4_unpack(const uint32_t* src, uint8_t* dst, int64_t N, int64_t K, int nt) 
           d[(8 * c + t) * 32 + r] = (uint8_t)(((s[64 * c + r] >> (4 * t)) & 15u) | (((s[64 * c + 32 + r] >> (4 * t)) & 15u) << 4));
   }
 }
+
+// --- attention of one new query per row over a bf16 KV cache (a decode step) ---
+// q (B, H, D), k and v (B, H, S, D), y (B, H, D), all bf16; mask (B, S) bytes, nonzero = attend
+// (NULL: all). In fp32 as SDPA computes for fp32 inputs (scores, softmax, weighted sum); y is
+// rounded once. A row with nothing to attend gets zeros. Reading the bf16 cache directly saves
+// converting it to fp32 for SDPA at every step, which cost more than the attention itself.
+#include <math.h>
+
+static inline __m512 ld_bf16_part(const uint16_t* p, __mmask16 m) {  // up to 16 bf16 -> fp32, zeros past m
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+void attn1_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint8_t* mask,
+                int64_t B, int64_t H, int64_t S, int64_t D, float scale, uint16_t* y, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const uint16_t* kh = k + bh * S * D;
+    const uint16_t* vh = v + bh * S * D;
+    const uint8_t* mk = mask ? mask + (bh / H) * S : 0;
+    float* p = (float*)malloc((S + D) * sizeof(float));  // scores, then the output row
+    float* o = p + S;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+      if (mk && !mk[s]) {
+        p[s] = -INFINITY;
+        continue;
+      }
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+        a = _mm512_fmadd_ps(ld_bf16_part(kh + s * D + d, m), ld_bf16_part(q + bh * D + d, m), a);
+      }
+      p[s] = _mm512_reduce_add_ps(a) * scale;
+      if (p[s] > mx) mx = p[s];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    if (mx != -INFINITY) {
+      float tot = 0.0f;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = expf(p[s] - mx);  // masked: exp(-inf) = 0
+        tot += p[s];
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == 0.0f) continue;
+        __m512 w = _mm512_set1_ps(p[s]);
+        for (int64_t d = 0; d < D; d += 16) {
+          __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+          _mm512_mask_storeu_ps(o + d, m, _mm512_fmadd_ps(w, ld_bf16_part(vh + s * D + d, m), _mm512_maskz_loadu_ps(m, o + d)));
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= tot;
+    }
+    f32_to_bf16(o, D, y + bh * D);
+    free(p);
+  }
+}

@@ -99,8 +99,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.q4_mm.argtypes = lib.q4_mm_bf16.argtypes = [P, I64, I64, I64, P, I64, P, I, P, P, I]
     lib.q4_unpack_f32.argtypes = [P, I64, I64, I64, P, I, P, I]
     lib.q4_pack.argtypes = lib.q4_unpack.argtypes = [P, P, I64, I64, I]
+    lib.attn1_bf16.argtypes = [P, P, P, P, I64, I64, I64, I64, ctypes.c_float, P, I]
     for f in (lib.q8_mm, lib.bf16_mm, lib.q8_unpack_f32, lib.bf16_unpack_f32, lib.q8_mm_bf16, lib.bf16_mm_bf16,
-              lib.q4_mm, lib.q4_mm_bf16, lib.q4_unpack_f32, lib.q4_pack, lib.q4_unpack):
+              lib.q4_mm, lib.q4_mm_bf16, lib.q4_unpack_f32, lib.q4_pack, lib.q4_unpack, lib.attn1_bf16):
         f.restype = None
     return lib
 
@@ -399,6 +400,31 @@ class Packable:
     def _load_from_state_dict(self, *args, **kwargs):
         self.unpack_()  # the incoming tensor is row-major, and so is any key it leaves untouched
         super()._load_from_state_dict(*args, **kwargs)
+
+
+# --- attention in a decode step ---
+def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
+    """SDPA for one query per row (a decode step) over a bf16 KV cache, read as it is: q (B, H, 1, D),
+    k and v (B, H, S, D) contiguous, mask None or bool broadcastable from (B, 1, 1, S) (True = attend).
+    Returns (B, H, 1, D) bf16, computed in fp32 and rounded once; None where this does not apply
+    (then use SDPA)."""
+    B, H, T, D = q.shape
+    if (_lib is None or torch.compiler.is_compiling() or T != 1 or k.shape != (B, H, k.shape[2], D)
+            or k.shape != v.shape or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (q, k, v))
+            or not (k.is_contiguous() and v.is_contiguous())
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        return None
+    S = k.shape[2]
+    m = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] != S:
+            return None
+        m = mask.expand(B, 1, 1, S).reshape(B, S).contiguous().view(torch.uint8)
+    qc = q.reshape(B, H, D).contiguous()
+    y = torch.empty(B, 1, H, D, dtype=torch.bfloat16)
+    _lib.attn1_bf16(qc.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(m), B, H, S, D, scale, y.data_ptr(),
+                    torch.get_num_threads())
+    return y.transpose(1, 2)
 
 
 # --- layers that share one kernel call ---
