@@ -6,7 +6,8 @@ Per setting it prints: load seconds; `base` RSS after importing torch + blip2 (t
 own share); `peak` ru_maxrss up to the end of the load; `touched` ru_maxrss after reading every
 weight once (what a first forward pass makes resident: mmapped weights count only when read);
 and `weights`, the bytes of the loaded model's tensors (ViT/Q-Former in dtype, int LM linears,
-scales, embeddings, norms). `peak-base` / weights is the ratio that matters for a large model.
+scales, embeddings, norms). `peak-base` / weights and `decode-base` / weights are the ratios
+that matter for a large model.
 """
 
 from __future__ import annotations
@@ -51,9 +52,15 @@ def child(d: str, quantize: str | None, dtype: str) -> dict:
         seen.add(id(t))
         nbytes += t.numel() * t.element_size()
         t.detach().view(-1)[:: max(1, 4096 // t.element_size())].sum()  # touch every page once
+    touched = _maxrss()
+    head = m.language_model.get_output_embeddings()
+    with torch.no_grad():  # one decode-step product: makes what decoding keeps besides the weights (a packed head copy)
+        head(torch.zeros(1, head.in_features, dtype=head.weight.dtype))
+    decode = _maxrss()
     return {"quantize": quantize or "none", "load_s": round(load_s, 2), "base_MiB": round(base / MiB),
-            "peak_MiB": round(peak / MiB), "touched_MiB": round(_maxrss() / MiB), "weights_MiB": round(nbytes / MiB),
-            "peak_minus_base_over_weights": round((peak - base) / nbytes, 3)}
+            "peak_MiB": round(peak / MiB), "touched_MiB": round(touched / MiB), "decode_MiB": round(decode / MiB),
+            "weights_MiB": round(nbytes / MiB), "peak_minus_base_over_weights": round((peak - base) / nbytes, 3),
+            "decode_minus_base_over_weights": round((decode - base) / nbytes, 3)}
 
 
 def main() -> None:
