@@ -239,12 +239,12 @@ def test_qkv_weights_load_back_to_back_and_share_one_call(ckpt, dtype, quantize)
         assert [t.data_ptr() for t in w[1:]] == [t.data_ptr() + t.numel() * t.element_size() for t in w[:2]]
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
     with torch.no_grad():
-        y = kernels.fused_linear(x, qkv)
+        y = ops.fused_linear(x, qkv)
         assert y is not None and torch.equal(y, torch.cat([lay(x) for lay in qkv], -1))  # bitwise the layers'
-        assert kernels.fused_linear(torch.randn(1, kernels.GEMV_MAX_ROWS, 64).to(dtype), qkv) is None  # many rows
-        assert kernels.fused_linear(x.double(), qkv) is None  # not the layers' dtype
+        assert ops.fused_linear(torch.randn(1, kernels.GEMV_MAX_ROWS, 64).to(dtype), qkv) is None  # many rows
+        assert ops.fused_linear(x.double(), qkv) is None  # not the layers' dtype
         a.k_proj.unpack_()
-        assert kernels.fused_linear(x, qkv) is None  # one unpacked: each layer on its own again
+        assert ops.fused_linear(x, qkv) is None  # one unpacked: each layer on its own again
         y2 = torch.cat([lay(x) for lay in qkv], -1)
     torch.testing.assert_close(y2, y, rtol=1e-2, atol=1e-2)  # k by torch's kernel now
 

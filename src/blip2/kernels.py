@@ -2,22 +2,27 @@
 
 A decode step is a matrix-vector product per linear layer: its speed is the rate at which the
 weights come in from memory. On this project's 2-core AVX-512 VM, torch reads row-major bf16
-weights at 19-25 GB/s (`torch.mv`) and int8 ones at 13-17 GB/s (`_weight_int8pack_mm`), where a
-plain fp32 sum reads 28-30; kernels.c reads weights stored in small row blocks (see its header)
-at 26-30 GB/s in both dtypes.
+weights at 19-25 GB/s (`torch.mv`), int8 ones at 13-17 GB/s (`_weight_int8pack_mm`) and int4 ones
+at about 18 (`_weight_int4pack_mm_for_cpu`), where a plain fp32 sum reads 28-30; kernels.c reads
+weights stored in small row blocks (see its header) at 26-31 GB/s in all three.
 
 How it is used. from_pretrained on CPU loads the language model's eligible weights (`ops.Linear`
-in bf16, `quantize.Int8Linear`) already in the blocked layout and marks their layers
-(`PreTrainedModel._pack_plan`); `pack_(module)` does the same in place for a model built another
-way. A packed layer keeps its tensor's shape and dtype, and the layout is invisible from outside:
-state_dict() writes row-major weights, load_state_dict() takes them, and a layer that was moved
-or cast, or that is trained (grad through its weight), unpacks itself at its next forward.
-Products with many rows (prefill, batches) unpack into an fp32 buffer for one GEMM, as the
-unpacked layers do.
+in bf16, `quantize.Int8Linear`, `quantize.Int4Linear`) already in the blocked layout and marks
+their layers (`PreTrainedModel._pack_plan`); `pack_(module)` does the same in place for a model
+built another way. A packed layer keeps its tensors' shapes and dtypes, and the layout is
+invisible from outside: state_dict() writes row-major tensors, load_state_dict() takes them, and
+a layer that was moved or cast, or that is trained (grad through its weight), unpacks itself at
+its next forward. Products with many rows (prefill, batches) unpack into an fp32 buffer for one
+GEMM, as the unpacked layers do. Beside the products:
+- layers a module lists in `fuse_packed` (OPT's q/k/v) are loaded back to back in one buffer and
+  served by one call (ops.fused_linear);
+- a tied head, which must stay row-major for the embedding lookup, keeps a packed copy for decode
+  steps (Packable.packed_copy), rebuilt when the weight changes;
+- attend_one: a decode step's attention, straight from the bf16 KV cache.
 
 The kernels are C, compiled on first use with the system's C compiler (`cc -O3 -march=native
--fopenmp`, about half a second) into ~/.cache/blip2/kernels (or $BLIP2_KERNEL_CACHE) and loaded
-with ctypes; they share torch's OpenMP runtime. Without a compiler, without AVX-512, or with
+-fopenmp`, about a second) into ~/.cache/blip2/kernels (or $BLIP2_KERNEL_CACHE) and loaded with
+ctypes; they share torch's OpenMP runtime. Without a compiler, without AVX-512, or with
 BLIP2_NO_KERNELS=1, nothing is packed and torch's kernels run as before.
 """
 
@@ -308,6 +313,9 @@ class Packable:
     # is shared and read row-major elsewhere (a head tied to the input embedding), where the
     # kernels' faster streaming pays for the memory (OPT-2.7b's head: 257 MB, 2.9 ms a token).
     packed_copy = False
+    # Layers of one class that can share one kernel call when their weights lie back to back (see
+    # ops.fused_linear); int4 cannot (its blocked scales would need a concatenated copy).
+    fuses = True
 
     def packed_ok(self, x: Tensor) -> bool:
         """Whether the packed weight serves a product with x: kernels loaded, the weight still on
@@ -425,49 +433,6 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: floa
     _lib.attn1_bf16(qc.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(m), B, H, S, D, scale, y.data_ptr(),
                     torch.get_num_threads())
     return y.transpose(1, 2)
-
-
-# --- layers that share one kernel call ---
-def fusable(layers) -> bool:
-    """Layers whose products fused_linear can serve together: Packable, of one class, with per-row
-    scales (or none) and biases on all or none. (int4's blocked scales would need a concatenated
-    copy per group: not done.)"""
-    kinds = {type(lay) for lay in layers}
-    return (len(kinds) == 1 and issubclass(kinds.pop(), Packable) and len(layers) > 1
-            and getattr(layers[0], "packed_name", "") and not hasattr(layers[0], "scales_and_zeros")
-            and len({getattr(lay, "bias", None) is None for lay in layers}) == 1)
-
-
-def fused_linear(x: Tensor, layers) -> Tensor | None:
-    """The outputs of `layers` on x, concatenated on the last dim, from one kernel call; or None where
-    that cannot be done (then call the layers). It can when the layers are packed, their weights lie
-    back to back in one buffer (from_pretrained loads the groups a module lists in `fuse_packed` so),
-    x has few rows and is in the layers' compute dtype: then the result is bitwise that of the layers
-    (each output is the same sum, rounded once). One call instead of three saves the per-call cost
-    and the kernel's ramp-up at each start: about 5 ms a token for OPT-2.7b's q/k/v in int8."""
-    if (torch.compiler.is_compiling() or x.numel() >= GEMV_MAX_ROWS * x.shape[-1]
-            or not all(lay.block is not None and lay.packed_ok(x) for lay in layers)):
-        return None
-    first = layers[0]
-    if x.dtype != first.compute_dtype():
-        return None
-    extras = tuple(lay.fp32_extras() for lay in layers)
-    ws = [getattr(lay, lay.packed_name) for lay in layers]
-    ptrs = [w.data_ptr() for w in ws]
-    c = first.__dict__.get("_fused")  # (extras, ptrs, W, scale, bias), rebuilt when either changed
-    if c is None or any(a is not b for a, b in zip(c[0], extras)) or c[1] != ptrs:
-        w0, K, end = ws[0], ws[0].shape[1], ptrs[0]
-        for w, p in zip(ws, ptrs):  # back to back in one storage?
-            if (p != end or w.shape[1] != K or w.dtype != w0.dtype
-                    or w.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr()):
-                return None
-            end += w.numel() * w.element_size()
-        W = w0.new_empty(0).set_(w0.untyped_storage(), w0.storage_offset(), (sum(w.shape[0] for w in ws), K))
-        scale, bias = (None if extras[0][i] is None else torch.cat([e[i] for e in extras]) for i in (0, 1))
-        c = first.__dict__["_fused"] = (extras, ptrs, W, scale, bias)
-    from .ops import packed_linear  # ops imports this module
-
-    return packed_linear(x, c[2], c[3], c[4])
 
 
 def pack_(module: nn.Module) -> int:

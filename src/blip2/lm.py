@@ -106,6 +106,7 @@ class KVCache:
 
     def __init__(self, k: Tensor, v: Tensor):
         self.k, self.v = k, v
+        self.at: int | None = None  # eager decoding: input_pos as a host int (its first position)
 
     @classmethod
     def empty(cls, B: int, nh: int, T: int, hs: int, dtype: torch.dtype, device) -> "KVCache":
@@ -114,6 +115,12 @@ class KVCache:
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # input_pos: (T,), k/v: (B, nh, T, hs)
+        if not torch.compiler.is_compiling() and self.at is not None:
+            # the session's positions are consecutive from `at`: a slice copy is 4x cheaper than
+            # index_put (which costs 1 ms a token over OPT-2.7b's 32 layers)
+            self.k.narrow(2, self.at, k.shape[2]).copy_(k)
+            self.v.narrow(2, self.at, v.shape[2]).copy_(v)
+            return self.k, self.v
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -174,5 +181,7 @@ class LMSession:
                 "start() the session with a larger max_new_tokens"
             )
         pos = self._arange[self.t : self.t + n]
+        for c in self.caches:
+            c.at = self.t
         self.t += n
         return pos

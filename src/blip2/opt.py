@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
 from .config import OPTConfig
 from .lm import KVCache, LMSession, attend, causal_lm_loss, causal_mask
-from .ops import Embedding, Linear, activation
+from .ops import Embedding, Linear, activation, fused_linear
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from .weights import PreTrainedModel
 
@@ -41,7 +40,7 @@ class OPTAttention(nn.Module):
 
     def forward(self, x, mask=None, cache=None, input_pos=None, need_weights=False):
         B, T, E = x.shape
-        qkv = kernels.fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, 3E), or None
+        qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, 3E), or None
         q, k, v = qkv.split(E, -1) if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = (q * self.hs**-0.5).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.nh, self.hs).transpose(1, 2)

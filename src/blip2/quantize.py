@@ -2,14 +2,16 @@
 
 Decoding one token reads every weight of the language model once, so on a CPU its speed is set by
 bytes per weight: bf16 2, int8 1, int4 0.5 (+ scales). Activations stay in bf16/fp32; only the
-stored weights shrink, and PyTorch's native CPU kernels dequantize on the fly:
+stored weights shrink, and the kernels dequantize on the fly:
 
     Int8Linear: w ≈ q * s,                 q int8 (N, K), s (N,) per output channel, symmetric
                 y = _weight_int8pack_mm(x, q, s) + b
     Int4Linear: w ≈ (q - 8) * s_g + z_g,   q in [0, 15] per group of G input columns, asymmetric
                 y = _weight_int4pack_mm_for_cpu(x, packed q, G, (s, z)) + b
 
-Elsewhere (CUDA, or a build without the kernels) both fall back to dequantize + matmul.
+Those are PyTorch's native CPU kernels; a loaded model's layers run on this project's own
+(kernels.py: the same sums in fp32, rounded once, streaming the weights faster). Elsewhere (CUDA,
+or a build without either) both fall back to dequantize + matmul.
 
 The output head (`lm_head`) stays in float by default: it is small next to the decoder stack in
 BLIP-2's LMs, the logits are where quantization error shows first, and it is usually tied to the
@@ -173,6 +175,7 @@ class Int4Linear(kernels.Packable, nn.Module):
     On CPU its qweight may be block-packed for kernels.c (kernels.pack_)."""
 
     packed_name = "qweight"
+    fuses = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
                  dtype=torch.float32, device=None):
@@ -354,16 +357,21 @@ class _StreamingReader:
             raise CheckpointError(f"{wk}: checkpoint {list(got)}, model {[m.out_features, m.in_features]}")
         return tuple(getattr(m, k.rpartition(".")[2]).shape)
 
-    def get(self, k) -> Tensor:
+    def get(self, k, out: Tensor | None = None) -> Tensor:
+        """Tensor k; a qweight is quantized into `out` when given (a contiguous tensor of its shape
+        and dtype: the loader's slot for it in a fused group's buffer, so no fresh copy is made)."""
         if k not in self._virt:
             return self.reader.get(k)
         if k in self._ready:
-            return self._ready.pop(k)
+            t = self._ready.pop(k)
+            return out.copy_(t) if out is not None else t
         wk, ours, m = self._virt[k]
         # the dtype a float load would give this weight (fp32 for _keep_in_fp32_modules in fp16)
         want = torch.float32 if self.model._fp32_keep(ours + ".weight", self.dtype) else self.dtype
         N, K = m.out_features, m.in_features
-        q = torch.empty(tuple(m.qweight.shape), dtype=m.qweight.dtype, device=self.device)
+        qk = f"{k.rpartition('.')[0]}.qweight"
+        q = out if out is not None and k == qk else \
+            torch.empty(tuple(m.qweight.shape), dtype=m.qweight.dtype, device=self.device)
         int8 = isinstance(m, Int8Linear)
         s = torch.empty((N,) if int8 else tuple(m.scales_and_zeros.shape), dtype=want, device=self.device)
         step = max(1, STREAM_ELEMS // K)
@@ -379,9 +387,9 @@ class _StreamingReader:
                     q[r0:r1], s[:, r0:r1] = quant4(w, m.group_size)
                 del w
         base = k.rpartition(".")[0]
-        out = {f"{base}.qweight": q, f"{base}.{'scales' if int8 else 'scales_and_zeros'}": s}
-        self._ready.update({n: t for n, t in out.items() if n != k})
-        return out[k]
+        made = {f"{base}.qweight": q, f"{base}.{'scales' if int8 else 'scales_and_zeros'}": s}
+        self._ready.update({n: t for n, t in made.items() if n != k})
+        return made[k]
 
     def close(self) -> None:
         self.rows.close()
