@@ -120,7 +120,9 @@ def _self_test(lb: ctypes.CDLL) -> None:
         y = torch.empty(3, N)
         if dt == torch.uint8:  # int4: q in [0, 15], one (s, z) group per row (s = 1, z = 8: w = q)
             q = torch.randint(0, 16, (N, 128), generator=g, dtype=torch.uint8)
-            w, src = torch.empty(N, 64, dtype=torch.uint8), _torch_int4(q)
+            from .quantize import pack_int4  # torch's int4pack layout (quantize imports this module)
+
+            w, src = torch.empty(N, 64, dtype=torch.uint8), pack_int4(q)
             lb.q4_pack(src.data_ptr(), w.data_ptr(), N, 128, 1)
             sz = torch.tensor([1.0, 8.0]).expand(1, N, 2).contiguous()
             lb.q4_mm(w.data_ptr(), N, 128, 128, x.data_ptr(), 3, sz.data_ptr(), 1, None, y.data_ptr(), 1)
@@ -169,13 +171,6 @@ def lib() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return lib() is not None
-
-
-def _torch_int4(q: Tensor) -> Tensor:
-    """(N, K) values in [0, 15] -> torch's int4pack bytes (N, K/2) (as quantize.pack_int4 writes them)."""
-    N, K = q.shape
-    q = q.reshape(N // 64, 2, 32, K)
-    return (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous().reshape(N, K // 2)
 
 
 # --- the layout: int8 and bf16 in torch (a reshape and transpose, for any device); int4 in C ---
