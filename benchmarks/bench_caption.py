@@ -248,7 +248,7 @@ def _measure(spec: dict, r: dict) -> None:
         try:
             from blip2 import Blip2ForConditionalGeneration as Model
         except ImportError:  # not re-exported from the package yet
-            from blip2.model import Blip2ForConditionalGeneration as Model
+            from blip2.models.blip2 import Blip2ForConditionalGeneration as Model
         import blip2
 
         r["version"] = getattr(blip2, "__version__", "?")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import blip2
-from blip2.weights import CheckpointError
+from blip2.checkpoint.pretrained import CheckpointError
 
 import hf_tiny
 

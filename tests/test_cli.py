@@ -18,8 +18,8 @@ from blip2 import (
     Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model, Blip2Processor,
     Blip2TextModelWithProjection, Blip2VisionModelWithProjection, BlipImageProcessor, scenes,
 )
-from blip2.image_processing import load_image
-from blip2.tokenization import Blip2Tokenizer
+from blip2.processing.image import load_image
+from blip2.processing.tokenization import Blip2Tokenizer
 
 EXE = str(Path(sys.executable).with_name("blip2"))
 PX, Q = 32, 4

@@ -1,4 +1,4 @@
-"""blip2.generation against transformers' own `generate` on the same tiny models.
+"""blip2.generation.decode against transformers' own `generate` on the same tiny models.
 
 The language model side is an uncached adapter around transformers' OPT / T5 (full forward every
 step, rows picked by index on reorder), so any difference in output ids is the decoding's.
@@ -14,7 +14,7 @@ import torch
 import transformers
 from hf_tiny import OPT, T5, blip2_config, make_hf
 
-from blip2.generation import GenerationConfig, decode, generate, prepare_generation_config
+from blip2.generation.decode import GenerationConfig, decode, generate, prepare_generation_config
 
 
 def _cfg(d):
@@ -454,7 +454,7 @@ def test_generation_config_update_and_from_model_config():
         want.pop("transformers_version")
         got.pop("transformers_version", None)
         assert got == want
-    from blip2.config import Blip2Config
+    from blip2.models.config import Blip2Config
 
     for text in ("opt", "t5"):  # from our own config objects: the text config's special tokens
         hf_cfg = blip2_config(text)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from hf_tiny import blip2_config, save_hf
 
 import blip2
-from blip2 import kernels, ops
-from blip2.quantize import quantize_
+from blip2.backends.cpu import kernels
+from blip2.backends.cpu import ops
+from blip2.backends.cpu.quantize import quantize_
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler or no AVX-512 here")
 
@@ -71,7 +72,7 @@ def test_packed_products(dtype, rows):
 
 @needs_kernels
 def test_int4_layout_round_trips_and_state_dict_is_torch_layout():
-    from blip2.quantize import Int4Linear, pack_int4
+    from blip2.backends.cpu.quantize import Int4Linear, pack_int4
 
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 16, (128, 96), generator=g, dtype=torch.uint8)
@@ -96,7 +97,7 @@ def test_int4_layout_round_trips_and_state_dict_is_torch_layout():
 @pytest.mark.parametrize("rows", [1, 2, 3, kernels.GEMV_MAX_ROWS - 1, 70])
 @pytest.mark.parametrize("dtype,group", [(torch.bfloat16, 32), (torch.float32, 128), (torch.float16, 64)])
 def test_int4_packed_products(rows, dtype, group):
-    from blip2.quantize import Int4Linear, unpack_int4
+    from blip2.backends.cpu.quantize import Int4Linear, unpack_int4
 
     g = torch.Generator().manual_seed(rows)
     lin = torch.nn.Linear(256, 192)
@@ -295,7 +296,7 @@ def _fresh_python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_fallback_without_kernels(tmp_path):
     # asked not to: nothing packs, no warning
-    code = ("import warnings, torch; warnings.simplefilter('error'); from blip2 import kernels, ops\n"
+    code = ("import warnings, torch; warnings.simplefilter('error'); from blip2.backends.cpu import kernels, ops\n"
             "lin = ops.Linear(64, 8).bfloat16(); print(kernels.lib(), kernels.pack_(lin), lin.block)")
     r = _fresh_python(code, BLIP2_NO_KERNELS="1")
     assert r.returncode == 0 and r.stdout.split() == ["None", "0", "None"], r.stderr

@@ -12,10 +12,10 @@ import torch
 import transformers
 from hf_tiny import OPT, T5, assert_close, make_hf, save_hf
 
-from blip2.config import OPTConfig, T5Config
-from blip2.lm import build_language_model
-from blip2.opt import OPTForCausalLM
-from blip2.t5 import T5ForConditionalGeneration
+from blip2.models.config import OPTConfig, T5Config
+from blip2.models.lm import build_language_model
+from blip2.models.opt import OPTForCausalLM
+from blip2.models.t5 import T5ForConditionalGeneration
 
 
 

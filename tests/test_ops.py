@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import blip2.ops as ops
+import blip2.backends.cpu.ops as ops
 
 
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 300])

@@ -1,4 +1,4 @@
-"""Stage-1 pre-training (blip2.pretrain): the three masks, each loss against a hand computation,
+"""Stage-1 pre-training (blip2.models.pretrain): the three masks, each loss against a hand computation,
 hard-negative sampling, a few training steps, frozen ViT, and checkpoints that transformers reads."""
 
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import hf_tiny
-from blip2.config import Blip2Config
-from blip2.pretrain import (
+from blip2.models.config import Blip2Config
+from blip2.models.pretrain import (
     Blip2QFormerForPretraining, hard_negatives, itc_mask, itg_mask, itm_mask, lm_loss,
 )
-from blip2.retrieval import Blip2ForImageTextRetrieval
+from blip2.models.retrieval import Blip2ForImageTextRetrieval
 
 Q, EPS, CLS, PAD = 4, 0.1, 1, 0
 

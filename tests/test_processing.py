@@ -20,9 +20,9 @@ from PIL import Image
 
 warnings.filterwarnings("ignore")
 
-from blip2.image_processing import BlipImageProcessor, ImageLoadError, load_image  # noqa: E402
-from blip2.processing import Blip2Processor  # noqa: E402
-from blip2.tokenization import BatchEncoding, Blip2Tokenizer  # noqa: E402
+from blip2.processing.image import BlipImageProcessor, ImageLoadError, load_image  # noqa: E402
+from blip2.processing.processor import Blip2Processor  # noqa: E402
+from blip2.processing.tokenization import BatchEncoding, Blip2Tokenizer  # noqa: E402
 
 hf = pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")

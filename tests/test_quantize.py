@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import blip2
-import blip2.quantize as Q
-from blip2.opt import OPTForCausalLM
-from blip2.quantize import Int4Linear, Int8Linear, quantize_
+import blip2.backends.cpu.quantize as Q
+from blip2.models.opt import OPTForCausalLM
+from blip2.backends.cpu.quantize import Int4Linear, Int8Linear, quantize_
 
 # LM widths that are multiples of 64 so int4 takes the attention layers; int4 must leave in float
 # what its kernel cannot take: project_in / project_out (48 wide), fc1 (160 rows), fc2 at g64.
@@ -87,7 +87,7 @@ def test_kernel_matches_dequantize_fallback(mode, g, tol, dtype, monkeypatch):
 def test_int8_many_rows_fp32_path(rows, monkeypatch):
     """bf16 inputs with many rows on a CPU without native bf16 run as an fp32 product of the int8
     values (exact in fp32) scaled in fp32: the dequantized layer's exact output, rounded once."""
-    import blip2.ops as ops
+    import blip2.backends.cpu.ops as ops
 
     monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: False)
     lin = make_linear(dtype=torch.bfloat16)
@@ -255,8 +255,8 @@ def test_streamed_equals_quantize_after_load(stream_ckpts, text, mode, monkeypat
     d = stream_ckpts[text]
     monkeypatch.setattr(Q, "STREAM_ELEMS", 64 * 64)  # 64 rows a step at K=64: several steps per layer
     fetched = []
-    get = blip2.weights._Reader.get
-    monkeypatch.setattr(blip2.weights._Reader, "get", lambda self, k: fetched.append(k) or get(self, k))
+    get = blip2.checkpoint.pretrained._Reader.get
+    monkeypatch.setattr(blip2.checkpoint.pretrained._Reader, "get", lambda self, k: fetched.append(k) or get(self, k))
     qcls = Int8Linear if mode == "int8" else Int4Linear
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         ref = blip2.Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype)

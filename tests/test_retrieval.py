@@ -7,8 +7,8 @@ import torch
 import transformers
 
 import hf_tiny
-from blip2.config import Blip2Config
-from blip2.retrieval import Blip2ForImageTextRetrieval, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
+from blip2.models.config import Blip2Config
+from blip2.models.retrieval import Blip2ForImageTextRetrieval, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
 from test_vision_qformer import compare
 
 Q = 4

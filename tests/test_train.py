@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 import hf_tiny
 from blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 from blip2 import scenes
-from blip2.pretrain import Blip2QFormerForPretraining
-from blip2.tokenization import Blip2Tokenizer
+from blip2.models.pretrain import Blip2QFormerForPretraining
+from blip2.processing.tokenization import Blip2Tokenizer
 from blip2.train import (
     DataError, TrainConfig, lm_batch, lr_factor, read_folder, read_jsonl, train,
 )

@@ -6,9 +6,9 @@ import torch
 import transformers
 
 import hf_tiny
-from blip2.config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
-from blip2.qformer import Blip2QFormerModel
-from blip2.vision import Blip2VisionModel
+from blip2.models.config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from blip2.models.qformer import Blip2QFormerModel
+from blip2.models.vision import Blip2VisionModel
 
 Q = 4  # query tokens in the tiny configs
 

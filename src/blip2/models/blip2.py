@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config
-from .generation import GenerationConfig, _special_tokens, decode, prepare_generation_config
+from ..generation.decode import GenerationConfig, _special_tokens, decode, prepare_generation_config
 from .lm import build_language_model
-from .ops import Linear
+from ..backends.cpu.ops import Linear
 from .outputs import (
     BaseModelOutputWithPooling,
     BaseModelOutputWithVisionQformerOutputs,
@@ -29,7 +29,7 @@ from .outputs import (
 )
 from .qformer import Blip2QFormerModel, query_image
 from .vision import Blip2VisionModel
-from .weights import PreTrainedModel
+from ..checkpoint.pretrained import PreTrainedModel
 
 
 class _Blip2WithLM(PreTrainedModel):
@@ -71,7 +71,7 @@ class _Blip2WithLM(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        from .hub import resolve_dir
+        from ..checkpoint.hub import resolve_dir
 
         d = resolve_dir(str(pretrained_model_name_or_path))
         if (d / "generation_config.json").exists():

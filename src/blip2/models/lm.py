@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
-from .ops import emulated_bf16
+from ..backends.cpu import kernels
+from ..backends.cpu.ops import emulated_bf16
 
 # model_type -> (module, class). Adding a decoder family is adding a line here.
 LANGUAGE_MODELS: dict[str, tuple[str, str]] = {
-    "opt": ("blip2.opt", "OPTForCausalLM"),
-    "t5": ("blip2.t5", "T5ForConditionalGeneration"),
+    "opt": ("blip2.models.opt", "OPTForCausalLM"),
+    "t5": ("blip2.models.t5", "T5ForConditionalGeneration"),
 }
 
 

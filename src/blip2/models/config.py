@@ -103,7 +103,7 @@ class PretrainedConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "PretrainedConfig":
-        from .hub import resolve_dir
+        from ..checkpoint.hub import resolve_dir
 
         p = Path(path)
         if p.is_file():

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from .config import T5Config
 from .lm import KVCache, LMSession, additive, attend
-from .ops import Embedding, Linear, activation
+from ..backends.cpu.ops import Embedding, Linear, activation
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqLMOutput
-from .weights import PreTrainedModel
+from ..checkpoint.pretrained import PreTrainedModel
 
 
 def scales_decoder_outputs(c: T5Config) -> bool:

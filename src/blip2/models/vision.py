@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2VisionConfig
-from .ops import Linear, activation
+from ..backends.cpu.ops import Linear, activation
 from .outputs import BaseModelOutputWithPooling
-from .weights import PreTrainedModel
+from ..checkpoint.pretrained import PreTrainedModel
 
 
 class Blip2VisionEmbeddings(nn.Module):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2QFormerConfig
-from .ops import Embedding, Linear, activation
+from ..backends.cpu.ops import Embedding, Linear, activation
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
-from .weights import PreTrainedModel
+from ..checkpoint.pretrained import PreTrainedModel
 
 
 class Blip2QFormerMultiHeadAttention(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config, Blip2QFormerConfig
-from .ops import Linear, activation
+from ..backends.cpu.ops import Linear, activation
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .retrieval import Blip2ForImageTextRetrieval, _Blip2Stage1
 from .vision import Blip2VisionModel

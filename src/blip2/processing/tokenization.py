@@ -248,7 +248,7 @@ class Blip2Tokenizer:
         """Load from a checkpoint directory (or hub id) holding tokenizer.json, or vocab.json +
         merges.txt (OPT), or vocab.txt (BERT), plus tokenizer_config.json, special_tokens_map.json
         and added_tokens.json when present."""
-        from .hub import resolve_dir
+        from ..checkpoint.hub import resolve_dir
 
         d = resolve_dir(str(path_or_id))
         cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}

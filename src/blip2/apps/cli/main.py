@@ -35,7 +35,7 @@ class UsageError(Exception):
 
 def demo_dir(kind: str = "captioning") -> Path:
     """The shipped demo checkpoint: "captioning" for caption/ask/info, "retrieval" for match/embed."""
-    from .demo import demo_checkpoint
+    from ..demo.recipe import demo_checkpoint
 
     try:
         return demo_checkpoint(kind)
@@ -77,7 +77,7 @@ def expand_inputs(args: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]
 
 def open_image(src: str, timeout: float = 20.0):
     """A PIL RGB image from a path or URL; raises ImageLoadError naming `src`."""
-    from .image_processing import ImageLoadError, _open, load_image
+    from ...processing.image import ImageLoadError, _open, load_image
 
     if _is_url(src):
         try:
@@ -134,7 +134,7 @@ class Report:
 
 
 def load_images(srcs: list[str], report: Report) -> list[tuple[str, Any]]:
-    from .image_processing import ImageLoadError
+    from ...processing.image import ImageLoadError
 
     ok = []
     for s in srcs:
@@ -220,7 +220,7 @@ def pick_device(name: str):
 def pick_dtype(name: str, device):
     import torch
 
-    from .weights import as_dtype
+    from ...checkpoint.pretrained import as_dtype
 
     if name == "auto":  # half precision where it is fast, exact fp32 on the CPU
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -228,7 +228,7 @@ def pick_dtype(name: str, device):
 
 
 def model_dir(name: str, demo_kind: str = "captioning") -> Path:
-    from .hub import resolve_dir
+    from ...checkpoint.hub import resolve_dir
 
     if name == "demo":
         return demo_dir(demo_kind)
@@ -246,7 +246,7 @@ def load(args, cls, with_processor: bool = True):
     dtype = pick_dtype(args.dtype, device)
     proc = None
     if with_processor:
-        from .processing import Blip2Processor
+        from ...processing.processor import Blip2Processor
 
         proc = Blip2Processor.from_pretrained(d)
     q = getattr(args, "quantize", None)
@@ -298,7 +298,7 @@ def _options(args, **extra) -> dict:
 def cmd_caption(args) -> int:
     import torch
 
-    from .model import Blip2ForConditionalGeneration
+    from ...models.blip2 import Blip2ForConditionalGeneration
 
     args_model_dir(args)  # an unusable --model fails first, before any input is read
     srcs, bad = expand_inputs(args.paths)
@@ -354,8 +354,8 @@ def _with_placeholders(model, ids, am):
 def cmd_ask(args) -> int:
     import torch
 
-    from .image_processing import ImageLoadError
-    from .model import Blip2ForConditionalGeneration
+    from ...processing.image import ImageLoadError
+    from ...models.blip2 import Blip2ForConditionalGeneration
 
     if "{}" not in args.template:
         raise UsageError(f"--template {args.template!r} must contain {{}} where the question goes")
@@ -396,7 +396,7 @@ def cmd_ask(args) -> int:
 def cmd_match(args) -> int:
     import torch
 
-    from .retrieval import Blip2ForImageTextRetrieval
+    from ...models.retrieval import Blip2ForImageTextRetrieval
 
     args_model_dir(args)
     srcs, bad = expand_inputs(args.images)
@@ -448,7 +448,7 @@ def _print_table(rows: list[dict]) -> None:
 
 def _has_keys(d: Path, prefix: str) -> bool:
     """Whether the checkpoint in `d` holds tensors under `prefix` (read from file headers only)."""
-    from .weights import checkpoint_files
+    from ...checkpoint.pretrained import checkpoint_files
 
     files, fmt = checkpoint_files(d)
     if fmt != "safetensors":
@@ -486,9 +486,9 @@ def cmd_embed(args) -> int:
     results: dict[str, tuple[list[str], Any]] = {}
     if srcs:
         if retrieval:
-            from .retrieval import Blip2VisionModelWithProjection as cls
+            from ...models.retrieval import Blip2VisionModelWithProjection as cls
         else:
-            from .model import Blip2Model as cls
+            from ...models.blip2 import Blip2Model as cls
         model, proc, _ = load(args, cls)
         ids, vecs = [], []
         for chunk in batches(srcs, args.batch_size):
@@ -506,7 +506,7 @@ def cmd_embed(args) -> int:
         if not retrieval:
             raise UsageError(f"text embeddings need a retrieval checkpoint with a text projection "
                              f"(e.g. {DEFAULT_ITM_MODEL}); {args.model} has none")
-        from .retrieval import Blip2TextModelWithProjection
+        from ...models.retrieval import Blip2TextModelWithProjection
 
         model, proc, _ = load(args, Blip2TextModelWithProjection)
         vecs = []
@@ -567,8 +567,9 @@ def _fmt_bytes(n: int) -> str:
 
 
 def model_class(config) -> type:
-    from . import model as m
-    from . import pretrain, retrieval
+    from ...models import blip2 as m
+    from ...models import pretrain
+    from ...models import retrieval
 
     names = {c.__name__: c for c in (
         m.Blip2ForConditionalGeneration, m.Blip2Model, retrieval.Blip2ForImageTextRetrieval,
@@ -585,8 +586,8 @@ def describe(d: Path) -> dict:
     """What the checkpoint in `d` is, without loading its weights (the model is built on meta)."""
     import torch
 
-    from .config import CONFIG_NAME, Blip2Config
-    from .weights import CheckpointError
+    from ...models.config import CONFIG_NAME, Blip2Config
+    from ...checkpoint.pretrained import CheckpointError
 
     if not (d / CONFIG_NAME).is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {d}: is this a model checkpoint directory?")
@@ -727,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .weights import CheckpointError
+    from ...checkpoint.pretrained import CheckpointError
 
     try:
         return COMMANDS[args.command](args)

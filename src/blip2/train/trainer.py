@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .image_processing import ImageLoadError, load_image
-from .outputs import BaseModelOutputWithPooling
+from ..processing.image import ImageLoadError, load_image
+from ..models.outputs import BaseModelOutputWithPooling
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 STATE_NAME = "trainer_state.pt"
@@ -407,7 +407,7 @@ def load_weights_into(model: nn.Module, d: Path) -> None:
     """Copy a save_pretrained checkpoint's weights into `model` in place (parameters keep their identity)."""
     from safetensors.torch import load_file
 
-    from .weights import checkpoint_files
+    from ..checkpoint.pretrained import checkpoint_files
 
     files, fmt = checkpoint_files(d)
     sd = {}

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels, ops
-from .config import CONFIG_NAME, PretrainedConfig
+from ..backends.cpu import kernels
+
+from ..backends.cpu import ops
+from ..models.config import CONFIG_NAME, PretrainedConfig
 from .hub import resolve_dir
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -368,7 +370,7 @@ class PreTrainedModel(nn.Module):
             model = cls(config)
         lm_cfg = getattr(getattr(model, "language_model", None), "config", None)
         if quantize is not None or getattr(lm_cfg, "quantization", None):
-            from .quantize import load_and_quantize
+            from ..backends.cpu.quantize import load_and_quantize
 
             load_and_quantize(model, reader, d, dtype, device, quantize)
         else:

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels, ops
+from . import kernels
+
+from . import ops
 
 MODES = ("int8", "int4")
 INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64
@@ -317,7 +319,7 @@ class _StreamingReader:
 
     def __init__(self, reader, model: nn.Module, dtype: torch.dtype, device: torch.device):
         self.reader, self.model, self.dtype, self.device = reader, model, dtype, device
-        from .weights import _RowReader
+        from ...checkpoint.pretrained import _RowReader
 
         self.rows = _RowReader(reader)
         qmods = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
@@ -352,7 +354,7 @@ class _StreamingReader:
         wk, _, m = self._virt[k]
         got = self.reader.shape(wk)
         if got != (m.out_features, m.in_features):
-            from .weights import CheckpointError
+            from ...checkpoint.pretrained import CheckpointError
 
             raise CheckpointError(f"{wk}: checkpoint {list(got)}, model {[m.out_features, m.in_features]}")
         return tuple(getattr(m, k.rpartition(".")[2]).shape)

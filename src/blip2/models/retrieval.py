@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config
-from .ops import Linear
+from ..backends.cpu.ops import Linear
 from .outputs import Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings, query_image
 from .vision import Blip2VisionModel
-from .weights import PreTrainedModel
+from ..checkpoint.pretrained import PreTrainedModel
 
 
 class _Blip2Stage1(PreTrainedModel):

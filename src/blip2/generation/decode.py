@@ -187,7 +187,7 @@ class GenerationConfig:
         if p.is_file():
             f = p
         else:
-            from .hub import resolve_dir
+            from ..checkpoint.hub import resolve_dir
 
             f = resolve_dir(str(path_or_id), [name]) / name
         if not f.exists():

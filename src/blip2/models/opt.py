@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from .config import OPTConfig
 from .lm import KVCache, LMSession, attend, causal_lm_loss, causal_mask
-from .ops import Embedding, Linear, activation, fused_linear
+from ..backends.cpu.ops import Embedding, Linear, activation, fused_linear
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from .weights import PreTrainedModel
+from ..checkpoint.pretrained import PreTrainedModel
 
 
 class OPTAttention(nn.Module):

@@ -173,7 +173,7 @@ class BlipImageProcessor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **overrides: Any) -> "BlipImageProcessor":
         """Read `preprocessor_config.json`, or the `image_processor` entry of `processor_config.json`."""
-        from .hub import resolve_dir
+        from ..checkpoint.hub import resolve_dir
 
         d = resolve_dir(str(path_or_id))
         f = d / IMAGE_PROCESSOR_NAME

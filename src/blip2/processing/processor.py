@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenizers import AddedToken
 
-from .image_processing import IMAGE_PROCESSOR_NAME, BlipImageProcessor
+from .image import IMAGE_PROCESSOR_NAME, BlipImageProcessor
 from .tokenization import BatchEncoding, Blip2Tokenizer
 
 PROCESSOR_NAME = "processor_config.json"
@@ -59,7 +59,7 @@ class Blip2Processor:
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "Blip2Processor":
         """Load from a checkpoint directory or hub id. Reads processor_config.json (newer layout,
         with the image processor nested and num_query_tokens) or preprocessor_config.json (older)."""
-        from .hub import resolve_dir
+        from ..checkpoint.hub import resolve_dir
 
         d = resolve_dir(str(path_or_id))
         pc = json.loads((d / PROCESSOR_NAME).read_text(encoding="utf-8")) if (d / PROCESSOR_NAME).is_file() else {}

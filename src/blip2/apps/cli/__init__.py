@@ -1,0 +1,1 @@
+"""The `blip2` command."""

@@ -1,0 +1,1 @@
+"""Runtime backends: device-specific fast paths that models never import."""

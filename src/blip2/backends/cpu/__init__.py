@@ -1,0 +1,1 @@
+"""The CPU backend: C kernels, packed layouts, weight-only quantization."""

@@ -1,0 +1,5 @@
+"""Decoding: the generation config and the search loops (greedy, beam, sampling)."""
+
+from .decode import GenerationConfig
+
+__all__ = ["GenerationConfig"]

@@ -1,0 +1,1 @@
+"""Inputs: the image processor, the tokenizer and the processor that combines them."""
