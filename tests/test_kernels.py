@@ -302,6 +302,6 @@ def test_fallback_without_kernels(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["None", "0", "None"], r.stderr
     # no working compiler: a warning that says what to do, then torch's kernels
     if kernels.available():
-        r = _fresh_python("from blip2 import kernels; print(kernels.lib())", CC="false", BLIP2_KERNEL_CACHE=str(tmp_path))
+        r = _fresh_python("from blip2.backends.cpu import kernels; print(kernels.lib())", CC="false", BLIP2_KERNEL_CACHE=str(tmp_path))
         assert r.returncode == 0 and r.stdout.strip() == "None"
         assert "CPU decode kernels unavailable" in r.stderr and "C compiler" in r.stderr
