@@ -23,7 +23,7 @@ from torch import nn
 from ..backends.cpu import kernels
 
 from ..backends.cpu import ops
-from ..models.config import CONFIG_NAME, PretrainedConfig
+from .configuration import CONFIG_NAME, PretrainedConfig
 from .hub import resolve_dir
 
 SAFE_WEIGHTS = "model.safetensors"

@@ -20,8 +20,10 @@ from torch import nn
 
 from .config import Blip2Config
 from ..generation.decode import GenerationConfig, _special_tokens, decode, prepare_generation_config
+from .layers import causal_lm_loss
 from .lm import build_language_model
 from ..backends.cpu.ops import Linear
+from .prompt import image_prompt
 from .outputs import (
     BaseModelOutputWithPooling,
     BaseModelOutputWithVisionQformerOutputs,
@@ -139,13 +141,8 @@ class _Blip2WithLM(PreTrainedModel):
             logits, loss = out.logits, None
             if labels is not None:
                 # Labels cover the text part only: align them with the last positions, then shift.
-                labels = labels.to(logits.device)
                 logits = logits[:, -labels.size(1) :, :]
-                loss = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, self.config.text_config.vocab_size).float(),
-                    labels[:, 1:].reshape(-1),
-                    ignore_index=-100,
-                )
+                loss = causal_lm_loss(logits, labels)
         else:
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -267,7 +264,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
             # No prompt: the image placeholders then BOS, as the reference starts.
             if self.config.text_config.bos_token_id is None:
                 raise ValueError("text_config.bos_token_id is not set: pass a prompt (input_ids) to generate from")
-            start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
+            start = image_prompt([self.config.text_config.bos_token_id], self.config.num_query_tokens,
+                                 self.config.image_token_index)
             input_ids = torch.tensor([start], dtype=torch.long, device=lm_inputs.device).repeat(B, 1)
         if attention_mask is None:
             ref = input_ids if input_ids is not None else inputs_embeds[..., 0]

@@ -92,14 +92,6 @@ def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
-    """Token t predicts label t+1; -100 is ignored; computed in fp32 as the reference does."""
-    shift = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
-    red = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100, reduction=red)
-    return loss / num_items_in_batch if num_items_in_batch is not None else loss
-
-
 # --- decoding state ---
 class KVCache:
     """Keys and values of one attention layer: k, v (B, nh, T_max, hs), written at input_pos."""

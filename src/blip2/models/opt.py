@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import OPTConfig
-from .lm import KVCache, LMSession, attend, causal_lm_loss, causal_mask
-from ..backends.cpu.ops import Embedding, Linear, activation, fused_linear
+from ..backends.cpu.ops import Linear, fused_linear
+from .layers import Embedding, activation, causal_lm_loss
+from .lm import KVCache, LMSession, attend, causal_mask
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from ..checkpoint.pretrained import PreTrainedModel
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config, Blip2QFormerConfig
-from ..backends.cpu.ops import Linear, activation
+from ..backends.cpu.ops import Linear
+from .layers import activation, causal_lm_loss
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .retrieval import Blip2ForImageTextRetrieval, _Blip2Stage1
 from .vision import Blip2VisionModel
@@ -118,11 +119,7 @@ def hard_negatives(sim_i2t: torch.Tensor, generator: torch.Generator | None = No
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING) -> torch.Tensor:
     """Next-token cross-entropy: logits (B, L, V) at position i predict labels[:, i + 1]; -100 is ignored."""
-    V = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
-        ignore_index=-100, label_smoothing=label_smoothing,
-    )
+    return causal_lm_loss(logits, labels, label_smoothing=label_smoothing)
 
 
 # --- the model ------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2QFormerConfig
-from ..backends.cpu.ops import Embedding, Linear, activation
+from ..backends.cpu.ops import Linear
+from .layers import Embedding, activation
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from ..checkpoint.pretrained import PreTrainedModel
 

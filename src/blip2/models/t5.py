@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from .config import T5Config
 from .lm import KVCache, LMSession, additive, attend
-from ..backends.cpu.ops import Embedding, Linear, activation
+from ..backends.cpu.ops import Linear
+from .layers import Embedding, activation
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqLMOutput
 from ..checkpoint.pretrained import PreTrainedModel
 

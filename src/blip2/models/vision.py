@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2VisionConfig
-from ..backends.cpu.ops import Linear, activation
+from ..backends.cpu.ops import Linear
+from .layers import activation
 from .outputs import BaseModelOutputWithPooling
 from ..checkpoint.pretrained import PreTrainedModel
 

@@ -22,6 +22,8 @@ from .tokenization import BatchEncoding
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_PROCESSOR_NAME = "preprocessor_config.json"
+# File suffixes taken as images when a folder is read (the CLI, the trainer): what Pillow decodes.
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 # Keys of preprocessor_config.json we interpret; everything else is kept verbatim for round trips.
 _KNOWN = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",

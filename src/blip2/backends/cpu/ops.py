@@ -25,30 +25,6 @@ from torch import Tensor, nn
 from . import kernels
 
 
-# --- activations, by the names config files use ---
-def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    # the tanh approximation spelled out term by term, as the reference computes it (bit-for-bit)
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": gelu_new,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
-
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in ACT:
-        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(ACT)}")
-    return ACT[name]
-
-
 UPCAST_MIN_ROWS = 16  # measured crossover on a 2-core AVX-512 VM: below it the bf16 kernel wins
 
 
@@ -178,15 +154,3 @@ class Linear(kernels.Packable, nn.Linear):
                 b = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), fp32_weight(self.weight), b).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
-
-
-class Embedding(nn.Embedding):
-    """nn.Embedding that leaves its table uninitialised at construction.
-
-    Models are built on the meta device and then loaded, or initialised once by post_init; the
-    default random init would only be thrown away, and on the meta device torch's `normal_`
-    imports torch._dynamo (about 1.5 s on the first model of a process).
-    """
-
-    def reset_parameters(self) -> None:
-        pass
