@@ -91,12 +91,16 @@ class _Blip2WithLM(PreTrainedModel):
         return self.language_model.get_encoder()
 
     # --- image -> language-model inputs ---
-    def _image_to_lm(self, pixel_values, interpolate_pos_encoding=False, **out_kw):
-        """Run ViT, Q-Former and projection once. Returns (vision_out, qformer_out, (B, Q, C_lm))."""
-        vision_out = self.vision_model(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **out_kw
-        )
-        image_embeds = vision_out.last_hidden_state  # (B, 1+P, Cv)
+    def _image_to_lm(self, pixel_values, interpolate_pos_encoding=False, image_embeds=None, **out_kw):
+        """Run ViT, Q-Former and projection once. Returns (vision_out, qformer_out, (B, Q, C_lm)).
+        image_embeds: the ViT's output (B, 1+P, Cv) computed earlier (a trainer's cache of the frozen
+        encoder); the ViT is then skipped and vision_out is None."""
+        vision_out = None
+        if image_embeds is None:
+            vision_out = self.vision_model(
+                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **out_kw
+            )
+            image_embeds = vision_out.last_hidden_state  # (B, 1+P, Cv)
         qformer_out = query_image(self.qformer, self.query_tokens, image_embeds, **out_kw)
         q = qformer_out.last_hidden_state
         if q.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
@@ -169,14 +173,17 @@ class _Blip2WithLM(PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        image_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> Blip2ForConditionalGenerationModelOutput:
+        """image_embeds (ours): the vision model's output for these images, computed earlier; the
+        vision model is then skipped (pixel_values may be None) and vision_outputs is None."""
         out_kw = {}
         if output_attentions is not None:
             out_kw["output_attentions"] = output_attentions
         if output_hidden_states is not None:
             out_kw["output_hidden_states"] = output_hidden_states
-        vision_out, qformer_out, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding, **out_kw)
+        vision_out, qformer_out, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding, image_embeds, **out_kw)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self._merge(input_ids, inputs_embeds, lm_inputs)

@@ -275,6 +275,7 @@ class Blip2QFormerForPretraining(_Blip2Stage1):
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         positives: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """-> dict(loss, loss_itc, loss_itm, loss_itg); loss is their sum (LAVIS weights them equally).
 
@@ -282,10 +283,12 @@ class Blip2QFormerForPretraining(_Blip2Stage1):
         positives: optional (B, B) bool, True where image i and text j match besides i == j
         (duplicate images or captions in the batch): ITC targets include them, ITM never
         draws them as negatives.
+        image_embeds: the frozen ViT's output for these images, computed earlier (a trainer's
+        cache); pixel_values is then not read.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        img = self.image_embeds(pixel_values)
+        img = self.image_embeds(pixel_values) if image_embeds is None else image_embeds
         loss_itc, sim_i2t = self.itc_loss(img, input_ids, attention_mask, positives)
         loss_itm = self.itm_loss(img, input_ids, attention_mask, sim_i2t, generator, positives=positives)
         loss_itg = self.itg_loss(img, input_ids, attention_mask)
