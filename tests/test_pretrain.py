@@ -220,7 +220,7 @@ def test_itg_is_causal_and_image_grounded(model):
     assert (other - full).abs().amax() > 1e-3  # text sees the queries, which see the image
     # the queries in the ITG pass are exactly the queries reading the image alone
     h = model._qformer(img, ids, itg_mask(am, Q))[:, :Q]
-    torch.testing.assert_close(h, model._query_image(img).last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, model.query_image(img).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
 # --- training -------------------------------------------------------------------------------

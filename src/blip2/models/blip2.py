@@ -15,38 +15,24 @@ decodes with a preallocated KV cache (see lm.py, generation.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import Blip2Config
 from ..generation.decode import GenerationConfig, _special_tokens, decode, prepare_generation_config
+from .base import Blip2PreTrainedModel
+from .config import Blip2Config
 from .layers import causal_lm_loss
 from .lm import build_language_model
-from ..backends.cpu.ops import Linear
+from .outputs import BaseModelOutputWithVisionQformerOutputs, Blip2ForConditionalGenerationModelOutput
 from .prompt import image_prompt
-from .outputs import (
-    BaseModelOutputWithPooling,
-    BaseModelOutputWithVisionQformerOutputs,
-    Blip2ForConditionalGenerationModelOutput,
-)
-from .qformer import Blip2QFormerModel, query_image
-from .vision import Blip2VisionModel
-from ..checkpoint.pretrained import PreTrainedModel
 
 
-class _Blip2WithLM(PreTrainedModel):
+class _Blip2WithLM(Blip2PreTrainedModel):
     """The parts and the image→prompt path shared by Blip2Model and Blip2ForConditionalGeneration."""
-
-    config_class = Blip2Config
-    _keep_in_fp32_modules = ("query_tokens", "qformer")
 
     def __init__(self, config: Blip2Config):
         super().__init__(config)
-        qc = config.qformer_config
-        self.vision_model = Blip2VisionModel(config.vision_config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qc.hidden_size))
-        self.qformer = Blip2QFormerModel(qc)
-        self.language_projection = Linear(qc.hidden_size, config.text_config.hidden_size)
+        self.build_image_side()
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.language_model = build_language_model(config.text_config)
         self.generation_config = GenerationConfig.from_model_config(config.text_config)
         # The language model's own fp32 islands (T5's `wo` under fp16) hold inside BLIP-2 too.
@@ -61,11 +47,6 @@ class _Blip2WithLM(PreTrainedModel):
             pre = "language_model."
             self.language_model.fit_ties(k[len(pre):] for k in reader.keys() if k.startswith(pre))
         super()._load_from(reader, d, dtype, device)
-
-    def _init_weights(self, m):
-        super()._init_weights(m)
-        if m is self:
-            nn.init.normal_(self.query_tokens, std=self.config.initializer_range)
 
     def tied_weights(self):
         return {f"language_model.{t}": f"language_model.{s}" for t, s in self.language_model.tied_weights().items()}
@@ -95,16 +76,11 @@ class _Blip2WithLM(PreTrainedModel):
         """Run ViT, Q-Former and projection once. Returns (vision_out, qformer_out, (B, Q, C_lm)).
         image_embeds: the ViT's output (B, 1+P, Cv) computed earlier (a trainer's cache of the frozen
         encoder); the ViT is then skipped and vision_out is None."""
-        vision_out = None
-        if image_embeds is None:
-            vision_out = self.vision_model(
-                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **out_kw
-            )
-            image_embeds = vision_out.last_hidden_state  # (B, 1+P, Cv)
-        qformer_out = query_image(self.qformer, self.query_tokens, image_embeds, **out_kw)
-        q = qformer_out.last_hidden_state
-        if q.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
-            q = q.to(image_embeds.dtype)
+        vision_out, qformer_out = self.encode_image(pixel_values, interpolate_pos_encoding, image_embeds, **out_kw)
+        q = qformer_out.last_hidden_state  # (B, Q, Cq)
+        dt = (image_embeds if image_embeds is not None else vision_out.last_hidden_state).dtype
+        if q.dtype != dt:  # the Q-Former may be kept in fp32
+            q = q.to(dt)
         return vision_out, qformer_out, self.language_projection(q)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds):

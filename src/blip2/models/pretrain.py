@@ -29,11 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2Config, Blip2QFormerConfig
-from ..backends.cpu.ops import Linear
 from .layers import activation, causal_lm_loss
-from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .retrieval import Blip2ForImageTextRetrieval, _Blip2Stage1
-from .vision import Blip2VisionModel
 
 LABEL_SMOOTHING = 0.1
 TEMP_INIT, TEMP_MIN, TEMP_MAX = 0.07, 0.001, 0.5  # LAVIS clamps temp to [0.001, 0.5] every step
@@ -130,10 +127,10 @@ class Blip2QFormerLMHead(nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
         C = config.hidden_size
-        self.dense = Linear(C, C)
+        self.dense = nn.Linear(C, C)
         self.act = activation(config.hidden_act)
         self.LayerNorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.decoder = Linear(C, config.vocab_size)
+        self.decoder = nn.Linear(C, config.vocab_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.LayerNorm(self.act(self.dense(h))))  # (B, L, V)
@@ -159,13 +156,10 @@ class Blip2QFormerForPretraining(_Blip2Stage1):
             )
         if getattr(config, "dec_token_id", None) is None:
             config.dec_token_id = qc.vocab_size - 1
-        self.vision_model = Blip2VisionModel(config.vision_config)
-        self.query_tokens = self._new_queries()
-        self.embeddings = Blip2TextEmbeddings(qc)
-        self.qformer = Blip2QFormerModel(qc)
-        self.vision_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
-        self.text_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
-        self.itm_head = Linear(qc.hidden_size, 2)
+        self.build_image_side(text_embeddings=True)
+        self.vision_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(qc.hidden_size, 2)
         self.itg_head = Blip2QFormerLMHead(qc)
         self.temp = nn.Parameter(torch.full((), TEMP_INIT))
         self.vision_model.requires_grad_(False)  # frozen: the image encoder never trains here

@@ -13,59 +13,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import Blip2PreTrainedModel
 from .config import Blip2Config
-from ..backends.cpu.ops import Linear
 from .outputs import Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput
-from .qformer import Blip2QFormerModel, Blip2TextEmbeddings, query_image
-from .vision import Blip2VisionModel
-from ..checkpoint.pretrained import PreTrainedModel
 
 
-class _Blip2Stage1(PreTrainedModel):
-    """Config handling, init and the image -> query-output path shared by the classes below."""
-
-    config_class = Blip2Config
-    # As the reference: in float16 the queries and the Q-Former stay fp32 (bf16 casts everything).
-    _keep_in_fp32_modules = ("query_tokens", "qformer")
+class _Blip2Stage1(Blip2PreTrainedModel):
+    """The stage-1 classes: their word embeddings keep a zero padding row when built from a config."""
 
     def _init_weights(self, m: nn.Module) -> None:
         super()._init_weights(m)
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             with torch.no_grad():
                 m.weight[m.padding_idx].zero_()
-        if m is self and hasattr(self, "query_tokens"):
-            # The reference zero-fills the queries, which makes all of them identical; LAVIS
-            # draws them like BERT weights, which gives a model built from a config distinct queries.
-            nn.init.normal_(self.query_tokens, std=self.config.qformer_config.initializer_range)
 
-    def _new_queries(self) -> nn.Parameter:
-        c = self.config
-        return nn.Parameter(torch.zeros(1, c.num_query_tokens, c.qformer_config.hidden_size))
-
-    def _opts(self, output_attentions, output_hidden_states, return_dict):
-        c = self.config
-        return (
-            c.output_attentions if output_attentions is None else output_attentions,
-            c.output_hidden_states if output_hidden_states is None else output_hidden_states,
-            c.return_dict if return_dict is None else return_dict,
-        )
-
-    def _query_image(self, image_embeds: torch.Tensor, **kw):
-        return query_image(self.qformer, self.query_tokens, image_embeds, **kw)
 
 class Blip2ForImageTextRetrieval(_Blip2Stage1):
     main_input_name = "pixel_values"
 
     def __init__(self, config: Blip2Config):
         super().__init__(config)
-        qc = config.qformer_config
-        self.vision_model = Blip2VisionModel(config.vision_config)
-        self.query_tokens = self._new_queries()
-        self.embeddings = Blip2TextEmbeddings(qc)
-        self.qformer = Blip2QFormerModel(qc)
-        self.vision_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
-        self.text_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
-        self.itm_head = Linear(qc.hidden_size, 2)
+        C, E = config.qformer_config.hidden_size, config.image_text_hidden_size
+        self.build_image_side(text_embeddings=True)
+        self.vision_projection = nn.Linear(C, E)
+        self.text_projection = nn.Linear(C, E)
+        self.itm_head = nn.Linear(C, 2)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -95,7 +67,7 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1):
         """ITM (use_image_text_matching_head=True): image i with text i -> logits_per_image (B, 2).
         ITC: every image with every text -> logits_per_image (N_img, N_txt) cosine similarities.
         output_attentions / output_hidden_states apply to the vision model, as in the reference."""
-        output_attentions, output_hidden_states, return_dict = self._opts(
+        output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
         vision_out = self.vision_model(
@@ -130,7 +102,7 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1):
             text_embeds = text_out.last_hidden_state.to(self.itm_head.weight.dtype)  # (B, Q+L, C)
             logits_per_image = self.itm_head(text_embeds[:, :Q]).mean(dim=1)  # (B, 2)
         else:
-            q = self._query_image(image_embeds).last_hidden_state.to(self.vision_projection.weight.dtype)
+            q = self.query_image(image_embeds).last_hidden_state.to(self.vision_projection.weight.dtype)
             if strip:
                 attention_mask = attention_mask[:, Q:]
             text_out = self.qformer(
@@ -164,11 +136,9 @@ class Blip2TextModelWithProjection(_Blip2Stage1):
 
     def __init__(self, config: Blip2Config):
         super().__init__(config)
-        qc = config.qformer_config
-        self.query_tokens = self._new_queries()  # unused by the text path; kept so checkpoints match
-        self.embeddings = Blip2TextEmbeddings(qc)
-        self.qformer = Blip2QFormerModel(qc)
-        self.text_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
+        # no vision model; query_tokens is unused by the text path but kept, so checkpoints match
+        self.build_image_side(vision=False, text_embeddings=True)
+        self.text_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -187,7 +157,7 @@ class Blip2TextModelWithProjection(_Blip2Stage1):
         return_dict: bool | None = None,
     ) -> Blip2TextModelOutput | tuple:
         """text_embeds: every token's projected, normalised embedding (B, L, E); index 0 is the ITC one."""
-        output_attentions, output_hidden_states, return_dict = self._opts(
+        output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
         out = self.qformer(
@@ -213,11 +183,8 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
 
     def __init__(self, config: Blip2Config):
         super().__init__(config)
-        qc = config.qformer_config
-        self.vision_model = Blip2VisionModel(config.vision_config)
-        self.query_tokens = self._new_queries()
-        self.qformer = Blip2QFormerModel(qc)
-        self.vision_projection = Linear(qc.hidden_size, config.image_text_hidden_size)
+        self.build_image_side()
+        self.vision_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -232,7 +199,7 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
         interpolate_pos_encoding: bool = False,
     ) -> Blip2VisionModelOutput | tuple:
         """image_embeds: the projected, normalised query outputs (B, Q, E); the rest is the ViT's."""
-        output_attentions, output_hidden_states, return_dict = self._opts(
+        output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
         vision_out = self.vision_model(
@@ -242,7 +209,7 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        q = self._query_image(vision_out.last_hidden_state).last_hidden_state
+        q = self.query_image(vision_out.last_hidden_state).last_hidden_state
         q = q.to(self.vision_projection.weight.dtype)
         res = Blip2VisionModelOutput(
             image_embeds=F.normalize(self.vision_projection(q), dim=-1),
