@@ -170,3 +170,48 @@ def test_device_map_and_bitsandbytes_flags(vision_ckpt):
     assert m.device.type == "cpu"
     with pytest.raises(NotImplementedError, match="bitsandbytes"):
         blip2.Blip2VisionModel.from_pretrained(vision_ckpt[0], load_in_8bit=True)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_reader_rows_and_metadata_match_the_tensors(vision_ckpt, tmp_path, fmt):
+    """One reader for both formats: dtypes and shapes without reading data (safetensors: from the
+    header), row blocks by file reads equal to the mmapped tensor."""
+    from blip2.checkpoint.reader import Reader, checkpoint_files
+
+    d = _copy(vision_ckpt[0], tmp_path / "r")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["encoder.layers.0.self_attn.qkv.weight"] = sd["encoder.layers.0.self_attn.qkv.weight"].bfloat16()
+    if fmt == "pt":
+        (d / "model.safetensors").unlink()
+        torch.save(sd, d / "pytorch_model.bin")
+    else:
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    files, got_fmt = checkpoint_files(d)
+    assert got_fmt == fmt
+    r = Reader(files, got_fmt)
+    assert set(r.keys()) == set(sd)
+    for k, t in sd.items():
+        assert r.shape(k) == tuple(t.shape) and r.dtype(k) == t.dtype and r.is_float(k) == t.is_floating_point()
+        assert torch.equal(r.get(k), t) and not r.is_fresh(k)
+    k = "encoder.layers.0.self_attn.qkv.weight"
+    n = sd[k].shape[0]
+    assert torch.equal(r.rows(k, 3, n - 2), sd[k][3:n - 2])
+    reused = r.rows(k, 0, 4, reuse=True)
+    assert torch.equal(reused, sd[k][:4])
+    if fmt == "safetensors":  # read into the reader's buffer (a .bin is mmapped by torch.load: sliced)
+        assert reused.untyped_storage().data_ptr() == r.buffer(1).data_ptr()
+    r.close()
+
+
+def test_generation_config_reloads_as_saved(tmp_path):
+    """from_pretrained reads back the generation_config.json that save_pretrained wrote."""
+    d = tmp_path / "g"
+    hf_tiny.save_hf("Blip2ForConditionalGeneration", hf_tiny.blip2_config("opt"), d)
+    m = blip2.Blip2ForConditionalGeneration.from_pretrained(d)
+    m.generation_config.max_new_tokens, m.generation_config.num_beams = 7, 3
+    m.save_pretrained(tmp_path / "s")
+    again = blip2.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "s")
+    assert (again.generation_config.max_new_tokens, again.generation_config.num_beams) == (7, 3)
+    (tmp_path / "s" / "generation_config.json").unlink()  # none saved: the defaults from the config
+    g = blip2.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "s").generation_config
+    assert g.max_new_tokens != 7 and g.num_beams != 3

@@ -70,7 +70,7 @@ def test_compiled_greedy_matches_eager(model):
 
 
 def test_compile_is_not_saved(model, tmp_path):
-    from blip2.generation.decode import GenerationConfig
+    from blip2.generation import GenerationConfig
 
     g = GenerationConfig(max_new_tokens=3, compile=True)
     g.save_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""blip2.generation.decode against transformers' own `generate` on the same tiny models.
+"""blip2.generation against transformers' own `generate` on the same tiny models.
 
 The language model side is an uncached adapter around transformers' OPT / T5 (full forward every
 step, rows picked by index on reorder), so any difference in output ids is the decoding's.
@@ -14,7 +14,7 @@ import torch
 import transformers
 from hf_tiny import OPT, T5, blip2_config, make_hf
 
-from blip2.generation.decode import GenerationConfig, decode, generate, prepare_generation_config
+from blip2.generation import GenerationConfig, decode, prepare_generation_config
 
 
 def _cfg(d):
@@ -100,6 +100,19 @@ class Seq2SeqSession:
 
     def reorder(self, index):
         self.enc, self.mask, self.dec = self.enc[index], self.mask[index], self.dec[index]
+
+
+def generate(session, input_ids, generation_config=None, *, model_generation_config=None,
+             inputs_embeds_len=None, max_position_embeddings=None, **kwargs):
+    """prepare_generation_config + decode, as a model's generate() runs them: the prompt held by
+    `session` continued, (B * num_return_sequences, T) ids; anything not a generation parameter
+    is an error."""
+    cfg, unused = prepare_generation_config(
+        generation_config, model_generation_config, prompt_len=input_ids.shape[1],
+        inputs_embeds_len=inputs_embeds_len, max_position_embeddings=max_position_embeddings, **kwargs)
+    if unused:
+        raise ValueError(f"generate() got arguments that are not generation parameters: {sorted(unused)}")
+    return decode(session, input_ids, cfg)
 
 
 def model_gen_cfg(hf):

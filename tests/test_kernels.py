@@ -1,7 +1,7 @@
-"""Block-packed weights and the C kernels (kernels.py / kernels.c).
+"""Blocked weights and the C kernels (backends/cpu: layout.py, kernels.py, kernels.c).
 
-Products are checked against float64 references; packed layers against the same layers unpacked;
-a packed model against itself unpacked (same greedy ids), through save/reload and compile. The
+Products are checked against float64 references; blocked layers against the same layers row-major;
+a blocked model against itself row-major (same greedy ids), through save/reload and compile. The
 kernels need a C compiler and AVX-512: where they cannot build, the tests that need them skip
 (and the fallback tests still run).
 """
@@ -9,8 +9,10 @@ kernels need a C compiler and AVX-512: where they cannot build, the tests that n
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,26 +20,26 @@ import torch.nn.functional as F
 from hf_tiny import blip2_config, save_hf
 
 import blip2
-from blip2.backends.cpu import kernels
-from blip2.backends.cpu import ops
-from blip2.backends.cpu.quantize import quantize_
+from blip2.backends.cpu import attention, build, kernels, layout, linear
+from blip2.backends.cpu.convert import convert
+from blip2.backends.cpu.quant import quantize_
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler or no AVX-512 here")
+needs_kernels = pytest.mark.skipif(not build.available(), reason="no C compiler or no AVX-512 here")
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
 def test_pack_round_trip_and_layout(dtype):
-    R, C = kernels.BLOCK[dtype]
+    R, C = layout.BLOCK[dtype]
     w = torch.arange(2 * R * 3 * C).reshape(2 * R, 3 * C).to(dtype)  # distinct values (mod 256 for int8)
-    p = kernels.pack(w, R, C)
+    p = kernels.blocked_copy(w, (R, C))
     assert p.shape == w.shape and p.dtype == dtype
     # chunk (block 1, column chunk 2) holds rows R..2R-1, columns 2C..3C-1, one row after another
     blk = p.view(-1)[(1 * 3 + 2) * R * C:][: R * C].view(R, C)
     assert torch.equal(blk, w[R:2 * R, 2 * C:3 * C])
-    assert torch.equal(kernels.unpack(p, R, C), w)
-    assert kernels.fits(w) and not kernels.fits(w[:, :C + 1].contiguous()) and not kernels.fits(w.float())
-    one = w[:R, :C].contiguous()  # one chunk: the blocked view is contiguous, yet pack must copy
-    assert kernels.pack(one, R, C).data_ptr() != one.data_ptr()
+    assert torch.equal(kernels.row_major_copy(p, (R, C)), w)
+    assert layout.fits(w) and not layout.fits(w[:, :C + 1].contiguous()) and not layout.fits(w.float())
+    one = w[:R, :C].contiguous()  # one chunk: the blocked view is contiguous, yet blocked_copy must copy
+    assert kernels.blocked_copy(one, (R, C)).data_ptr() != one.data_ptr()
 
 
 @needs_kernels
@@ -55,14 +57,14 @@ def test_packed_products(dtype, rows):
     if scale is not None:
         ref = ref * scale.double()
     ref = ref + bias.double()
-    p = kernels.pack(w, *kernels.BLOCK[dtype])
-    y = ops.packed_linear(x, p, scale, bias)
+    p = kernels.blocked_copy(w, layout.BLOCK[dtype])
+    y = linear.blocked_linear(x, p, scale, bias)
     assert y.dtype == torch.float32 and y.shape == (rows, N)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().mean()))
     # bf16 activations: the same fp32 sums (of the bf16 x), rounded to bf16 once
     xb = x.bfloat16()
-    yb = ops.packed_linear(xb, p, scale, bias)
-    want = ops.packed_linear(xb.float(), p, scale, bias).bfloat16()
+    yb = linear.blocked_linear(xb, p, scale, bias)
+    want = linear.blocked_linear(xb.float(), p, scale, bias).bfloat16()
     assert yb.shape == (rows, N)
     if rows < kernels.GEMV_MAX_ROWS:
         assert yb.dtype == torch.bfloat16 and torch.equal(yb, want)
@@ -72,24 +74,24 @@ def test_packed_products(dtype, rows):
 
 @needs_kernels
 def test_int4_layout_round_trips_and_state_dict_is_torch_layout():
-    from blip2.backends.cpu.quantize import Int4Linear, pack_int4
+    from blip2.backends.cpu.quant import Int4Linear
 
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 16, (128, 96), generator=g, dtype=torch.uint8)
-    tl = pack_int4(q)  # torch's int4pack layout, Int4Linear's state_dict format
-    p = kernels.pack(tl, *kernels.BLOCK[torch.uint8])
+    tl = layout.to_int4pack(q)  # torch's int4pack layout, Int4Linear's state_dict format
+    p = kernels.blocked_copy(tl, layout.BLOCK[torch.uint8])
     # ours: per block of 64 rows and chunk of 8 columns, one dword per row, column t in bits 4t..4t+3
     d = p.view(torch.int32).view(-1)[(1 * 12 + 5) * 64 + 7].item() & 0xFFFFFFFF  # block 1, chunk 5, row 7
     assert [(d >> (4 * t)) & 15 for t in range(8)] == q[64 + 7, 40:48].tolist()
-    assert torch.equal(kernels.unpack(p, *kernels.BLOCK[torch.uint8]), tl)
+    assert torch.equal(kernels.row_major_copy(p, layout.BLOCK[torch.uint8]), tl)
     lin = torch.nn.Linear(96, 128)
     ref, lay = Int4Linear.from_linear(lin, 32), Int4Linear.from_linear(lin, 32)
-    assert lay.pack_() and lay.block == kernels.BLOCK[torch.uint8]
+    assert lay.to_blocks_() and lay.block == layout.BLOCK[torch.uint8]
     for k in ("qweight", "scales_and_zeros"):  # both re-laid in place, both row-major in state_dict
         assert not torch.equal(getattr(lay, k), getattr(ref, k))
         assert torch.equal(lay.state_dict()[k], getattr(ref, k))
     assert torch.equal(lay.dequantize(), ref.dequantize())
-    lay.unpack_()
+    lay.to_rows_()
     assert torch.equal(lay.qweight, ref.qweight) and torch.equal(lay.scales_and_zeros, ref.scales_and_zeros)
 
 
@@ -97,7 +99,7 @@ def test_int4_layout_round_trips_and_state_dict_is_torch_layout():
 @pytest.mark.parametrize("rows", [1, 2, 3, kernels.GEMV_MAX_ROWS - 1, 70])
 @pytest.mark.parametrize("dtype,group", [(torch.bfloat16, 32), (torch.float32, 128), (torch.float16, 64)])
 def test_int4_packed_products(rows, dtype, group):
-    from blip2.backends.cpu.quantize import Int4Linear, unpack_int4
+    from blip2.backends.cpu.quant import Int4Linear
 
     g = torch.Generator().manual_seed(rows)
     lin = torch.nn.Linear(256, 192)
@@ -105,12 +107,12 @@ def test_int4_packed_products(rows, dtype, group):
         lin.weight.copy_(torch.randn(192, 256, generator=g) / 16)
     lay = Int4Linear.from_linear(lin.to(dtype), group)
     # the exact product of x with the dequantized weight ((q - 8) s + z, in float64)
-    q = unpack_int4(lay.qweight).double()
+    q = layout.from_int4pack(lay.qweight).double()
     sz = lay.scales_and_zeros.double().repeat_interleave(group, 0)  # (K, N, 2)
     w = (q - 8) * sz[..., 0].T + sz[..., 1].T
     x = torch.randn(rows, 256, generator=g).to(dtype)
     ref = x.double() @ w.T + lay.bias.double()
-    assert lay.pack_()
+    assert lay.to_blocks_()
     with torch.no_grad():
         y = lay(x)
     assert y.dtype == dtype and y.shape == (rows, 192)
@@ -140,7 +142,7 @@ def test_decode_attention_kernel_matches_sdpa(S, D):
 
 def _layers(dtype):
     g = torch.Generator().manual_seed(1)
-    lin = ops.Linear(128, 64)
+    lin = linear.Linear(128, 64)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(64, 128, generator=g) / 128 ** 0.5)
         lin.bias.copy_(torch.randn(64, generator=g))
@@ -152,8 +154,8 @@ def _layers(dtype):
 def test_packed_layer_matches_unpacked_and_saves_row_major(kind):
     ref = _layers(kind)
     lay = _layers(kind)
-    assert lay.pack_() and lay.block is not None
-    name = lay.packed_name
+    assert lay.to_blocks_() and lay.block is not None
+    name = lay.weight_name
     assert not torch.equal(getattr(lay, name), getattr(ref, name))  # really rearranged in place
     dt = torch.bfloat16 if kind == torch.bfloat16 else torch.float32
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(2)).to(dt)
@@ -167,7 +169,7 @@ def test_packed_layer_matches_unpacked_and_saves_row_major(kind):
     if kind == "int8":
         assert torch.equal(lay.dequantize(), ref.dequantize())
     other = _layers(kind)
-    other.pack_()
+    other.to_blocks_()
     other.load_state_dict(sd)
     assert other.block is None and torch.equal(getattr(other, name), getattr(ref, name))
 
@@ -175,14 +177,14 @@ def test_packed_layer_matches_unpacked_and_saves_row_major(kind):
 @needs_kernels
 def test_moved_cast_or_trained_layer_unpacks():
     ref, lay = _layers(torch.bfloat16), _layers(torch.bfloat16)
-    lay.pack_()
+    lay.to_blocks_()
     x = torch.randn(1, 128)
     lay.float()  # cast: the block layout belongs to bf16
     with torch.no_grad():
         torch.testing.assert_close(lay(x), ref.float()(x))
     assert lay.block is None
     lay = _layers(torch.bfloat16)
-    lay.pack_()
+    lay.to_blocks_()
     xb = x.bfloat16().requires_grad_()
     y = lay(xb)  # grad flows to x: the kernels have no backward, so the layer unpacks for good
     assert lay.block is None
@@ -222,7 +224,7 @@ def test_from_pretrained_packs_the_language_model(ckpt, tmp_path, dtype, quantiz
     m.save_pretrained(tmp_path)
     again = blip2.Blip2ForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype)
     assert torch.equal(again.generate(**kw), got)
-    kernels.unpack_all_(m)
+    linear.unblock_layers_(m)
     assert not any(getattr(x, "block", None) for x in m.modules())
     if quantize != "int4":  # (torch's int4 kernel rounds its own way)
         assert torch.equal(m.generate(**kw), got)  # torch's kernels, same greedy ids
@@ -235,17 +237,17 @@ def test_qkv_weights_load_back_to_back_and_share_one_call(ckpt, dtype, quantize)
     for layer in m.language_model.model.decoder.layers:
         a = layer.self_attn
         qkv = (a.q_proj, a.k_proj, a.v_proj)
-        w = [getattr(x, x.packed_name) for x in qkv]
+        w = [getattr(x, x.weight_name) for x in qkv]
         assert all(x.block for x in qkv)
         assert [t.data_ptr() for t in w[1:]] == [t.data_ptr() + t.numel() * t.element_size() for t in w[:2]]
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
     with torch.no_grad():
-        y = ops.fused_linear(x, qkv)
+        y = attention.fused_linear(x, qkv)
         assert y is not None and torch.equal(y, torch.cat([lay(x) for lay in qkv], -1))  # bitwise the layers'
-        assert ops.fused_linear(torch.randn(1, kernels.GEMV_MAX_ROWS, 64).to(dtype), qkv) is None  # many rows
-        assert ops.fused_linear(x.double(), qkv) is None  # not the layers' dtype
-        a.k_proj.unpack_()
-        assert ops.fused_linear(x, qkv) is None  # one unpacked: each layer on its own again
+        assert attention.fused_linear(torch.randn(1, kernels.GEMV_MAX_ROWS, 64).to(dtype), qkv) is None  # many rows
+        assert attention.fused_linear(x.double(), qkv) is None  # not the layers' dtype
+        a.k_proj.to_rows_()
+        assert attention.fused_linear(x, qkv) is None  # one row-major: each layer on its own again
         y2 = torch.cat([lay(x) for lay in qkv], -1)
     torch.testing.assert_close(y2, y, rtol=1e-2, atol=1e-2)  # k by torch's kernel now
 
@@ -255,14 +257,14 @@ def test_tied_head_keeps_a_packed_copy_that_follows_the_weight(ckpt):
     m = blip2.Blip2ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16)
     lm = m.language_model
     head, emb = lm.lm_head, lm.get_input_embeddings()
-    assert head.weight is emb.weight and head.packed_copy and head.block is None
+    assert head.weight is emb.weight and head.keeps_blocked_copy and head.block is None
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).bfloat16()
     want = lambda: (x.double() @ emb.weight.double().T)  # noqa: E731
     with torch.no_grad():
         y = head(x)
         copy = head.__dict__["_copy"][1]
         torch.testing.assert_close(y.double(), want(), rtol=1e-2, atol=1e-2)
-        assert torch.equal(y, kernels.packed_mm(x, copy).bfloat16())
+        assert torch.equal(y, kernels.blocked_mm(x, copy).bfloat16())
         emb.weight.mul_(-2)  # changed in place (as an optimizer step would): the copy follows
         torch.testing.assert_close(head(x).double(), want(), rtol=1e-2, atol=1e-2)
         assert head.__dict__["_copy"][1] is not copy
@@ -273,6 +275,29 @@ def test_tied_head_keeps_a_packed_copy_that_follows_the_weight(ckpt):
     with torch.no_grad():
         head(x.float())
     assert "_copy" not in head.__dict__
+
+
+@needs_kernels
+def test_convert_gives_a_built_model_what_from_pretrained_gives(ckpt):
+    loaded = _shrink_embeddings(blip2.Blip2ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16))
+    built = blip2.Blip2ForConditionalGeneration(loaded.config).to(torch.bfloat16).eval()
+    built.load_state_dict(loaded.state_dict())
+    assert not any(isinstance(x, linear.Linear) for x in built.modules())  # plain torch until converted
+    keys = built.state_dict().keys()
+    assert convert(built) is built and built.state_dict().keys() == keys
+    assert [type(x) for x in built.modules()] == [type(x) for x in loaded.modules()]
+    blocked = lambda m: [n for n, x in m.named_modules() if getattr(x, "block", None)]  # noqa: E731
+    assert blocked(built) == blocked(loaded) and len(blocked(built)) == 6 * len(loaded.language_model.model.decoder.layers)
+    lm = built.language_model
+    assert lm.lm_head.keeps_blocked_copy and lm.lm_head.weight is lm.get_input_embeddings().weight
+    a = lm.model.decoder.layers[0].self_attn
+    w = [x.weight for x in (a.q_proj, a.k_proj, a.v_proj)]
+    assert [t.data_ptr() for t in w[1:]] == [t.data_ptr() + t.numel() * t.element_size() for t in w[:2]]
+    px = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    kw = dict(pixel_values=px, max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(built.generate(**kw), loaded.generate(**kw))
+    sd, ref = built.state_dict(), loaded.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)  # row-major as ever
 
 
 @needs_kernels
@@ -295,13 +320,20 @@ def _fresh_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_fallback_without_kernels(tmp_path):
-    # asked not to: nothing packs, no warning
-    code = ("import warnings, torch; warnings.simplefilter('error'); from blip2.backends.cpu import kernels, ops\n"
-            "lin = ops.Linear(64, 8).bfloat16(); print(kernels.lib(), kernels.pack_(lin), lin.block)")
+    # asked not to: nothing is blocked, no warning
+    code = ("import warnings, torch; warnings.simplefilter('error'); from blip2.backends.cpu import build, linear\n"
+            "lin = linear.Linear(64, 8).bfloat16(); print(build.lib(), linear.block_layers_(lin), lin.block)")
     r = _fresh_python(code, BLIP2_NO_KERNELS="1")
     assert r.returncode == 0 and r.stdout.split() == ["None", "0", "None"], r.stderr
     # no working compiler: a warning that says what to do, then torch's kernels
-    if kernels.available():
-        r = _fresh_python("from blip2.backends.cpu import kernels; print(kernels.lib())", CC="false", BLIP2_KERNEL_CACHE=str(tmp_path))
+    if build.available():
+        r = _fresh_python("from blip2.backends.cpu import build; print(build.lib())", CC="false", BLIP2_KERNEL_CACHE=str(tmp_path))
         assert r.returncode == 0 and r.stdout.strip() == "None"
         assert "CPU decode kernels unavailable" in r.stderr and "C compiler" in r.stderr
+
+
+def test_models_know_nothing_of_the_backend():
+    """The backend applies itself by swapping modules: no model file names it or what it does."""
+    for f in sorted((Path(blip2.__file__).parent / "models").glob("*.py")):
+        hits = [line for line in f.read_text().splitlines() if re.search(r"pack|kernel|quantiz|backends", line)]
+        assert not hits, (f.name, hits)

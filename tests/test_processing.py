@@ -22,7 +22,8 @@ warnings.filterwarnings("ignore")
 
 from blip2.processing.image import BlipImageProcessor, ImageLoadError, load_image  # noqa: E402
 from blip2.processing.processor import Blip2Processor  # noqa: E402
-from blip2.processing.tokenization import BatchEncoding, Blip2Tokenizer  # noqa: E402
+from blip2.processing.encoding import BatchEncoding  # noqa: E402
+from blip2.processing.tokenization import Blip2Tokenizer  # noqa: E402
 
 hf = pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
@@ -234,10 +235,17 @@ def _ours_vs_ref(images, ours_kw=None, ref_kw=None, call_kw=None, ref_images=Non
     return ours
 
 
+def _ref_input(mode, im):
+    """What the reference must be given to compute our numbers. The one documented difference:
+    transformers clips 16-bit grayscale to white (convert("RGB") saturates), we keep its top 8
+    bits, so ours on the I;16 image must equal the reference on the same picture in 8 bits."""
+    return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), "L") if mode == "I;16" else im
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_pil_modes_match_reference(mode):
     im = _mode_image(mode)
-    out = _ours_vs_ref(im, dict(size={"height": 24, "width": 32}))
+    out = _ours_vs_ref(im, dict(size={"height": 24, "width": 32}), ref_images=_ref_input(mode, im))
     assert out.shape == (1, 3, 24, 32) and out.dtype == torch.float32
 
 
@@ -287,8 +295,9 @@ def test_files_match_reference(tmp_path, fmt, mode):
     im = _mode_image(mode)
     p = tmp_path / f"img.{fmt.lower()}"
     im.save(p, format=fmt)
-    _ours_vs_ref(str(p), dict(size={"height": 24, "width": 24}))
-    _ours_vs_ref([p, p], dict(size={"height": 24, "width": 24}), ref_images=[str(p), str(p)])  # Path objects too
+    ref = str(p) if mode != "I;16" else _ref_input(mode, im)
+    _ours_vs_ref(str(p), dict(size={"height": 24, "width": 24}), ref_images=ref)
+    _ours_vs_ref([p, p], dict(size={"height": 24, "width": 24}), ref_images=[ref, ref])  # Path objects too
     assert load_image(p).mode == "RGB"
 
 

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import blip2
-import blip2.backends.cpu.quantize as Q
+import blip2.backends.cpu.loading as backend_loading
+import blip2.backends.cpu.quant as Q
+from blip2.backends.cpu.layout import from_int4pack, to_int4pack
+from blip2.backends.cpu.quant import Int4Linear, Int8Linear, quantize_
+from blip2.checkpoint.reader import Reader
 from blip2.models.opt import OPTForCausalLM
-from blip2.backends.cpu.quantize import Int4Linear, Int8Linear, quantize_
 
 # LM widths that are multiples of 64 so int4 takes the attention layers; int4 must leave in float
 # what its kernel cannot take: project_in / project_out (48 wide), fc1 (160 rows), fc2 at g64.
@@ -54,8 +57,9 @@ def test_linear_close_to_float(mode, g, tol, dtype, lead):
     y = q(x)
     assert y.dtype == dtype and y.shape == (*lead, 192)
     assert rel(y, lin(x)) < tol
-    # the stand-in `.weight` reports the compute dtype and the float shape, and holds no data
-    assert q.weight.dtype == dtype and q.weight.shape == lin.weight.shape and q.weight.is_meta
+    # no float `.weight`, not even a data-less stand-in: the layer itself reports its compute dtype
+    # and the float shape (the KV cache takes its dtype from the activations)
+    assert not hasattr(q, "weight") and q.compute_dtype() == dtype and q.dequantize().shape == lin.weight.shape
 
 
 @pytest.mark.parametrize("K", [8, 37, 72])
@@ -87,9 +91,9 @@ def test_kernel_matches_dequantize_fallback(mode, g, tol, dtype, monkeypatch):
 def test_int8_many_rows_fp32_path(rows, monkeypatch):
     """bf16 inputs with many rows on a CPU without native bf16 run as an fp32 product of the int8
     values (exact in fp32) scaled in fp32: the dequantized layer's exact output, rounded once."""
-    import blip2.backends.cpu.ops as ops
+    import blip2.backends.cpu.bf16 as bf16
 
-    monkeypatch.setattr(ops, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(bf16, "cpu_has_native_bf16", lambda: False)
     lin = make_linear(dtype=torch.bfloat16)
     q = Int8Linear.from_linear(lin)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
@@ -106,10 +110,10 @@ def test_int8_many_rows_fp32_path(rows, monkeypatch):
 
 def test_int4_pack_layout_matches_torch():
     w = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
-    p = Q.pack_int4(w)
+    p = to_int4pack(w)
     if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
         assert torch.equal(p, torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1))
-    assert torch.equal(Q.unpack_int4(p).int(), w)
+    assert torch.equal(from_int4pack(p).int(), w)
 
 
 def test_quantize_replaces_linears_but_not_head_or_embedding():
@@ -214,7 +218,7 @@ def test_quantize_needs_a_language_model(ckpt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_blip2_t5_int8(tmp_path, dtype):
-    """T5 too (d_ff 37: the fallback path; wo reads `.weight.dtype`, the stand-in answers)."""
+    """T5 too (d_ff 37: the fallback path; wo casts its input to its scales' dtype)."""
     hf_tiny.save_hf("Blip2ForConditionalGeneration", hf_tiny.blip2_config("t5"), tmp_path)
     g = torch.Generator().manual_seed(5)
     px = torch.randn(2, 3, 30, 30, generator=g).to(dtype)
@@ -253,10 +257,10 @@ def stream_ckpts(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_streamed_equals_quantize_after_load(stream_ckpts, text, mode, monkeypatch):
     d = stream_ckpts[text]
-    monkeypatch.setattr(Q, "STREAM_ELEMS", 64 * 64)  # 64 rows a step at K=64: several steps per layer
+    monkeypatch.setattr(backend_loading, "STREAM_ELEMS", 64 * 64)  # 64 rows a step at K=64: several steps per layer
     fetched = []
-    get = blip2.checkpoint.pretrained._Reader.get
-    monkeypatch.setattr(blip2.checkpoint.pretrained._Reader, "get", lambda self, k: fetched.append(k) or get(self, k))
+    get = Reader.get
+    monkeypatch.setattr(Reader, "get", lambda self, k, out=None: fetched.append(k) or get(self, k, out))
     qcls = Int8Linear if mode == "int8" else Int4Linear
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         ref = blip2.Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype)

@@ -308,3 +308,23 @@ def test_cached_image_embeds(data_dir, tmp_path, stage):
     px = torch.randn(2, 3, PX, PX)
     assert torch.equal(b.vision_model(pixel_values=px).last_hidden_state, a.vision_model(pixel_values=px).last_hidden_state)
     assert runs == [2]
+
+
+def test_embed_cache_reads_no_images(data_dir, monkeypatch):
+    """Once the frozen encoder's output of an image is cached, a batch needs neither the encoder
+    nor the image file; the cached rows are the encoder's output for that batch."""
+    from blip2.train import batches, image_embeds
+
+    proc, m = qformer_processor(), stage1_model().eval()
+    exs = read_jsonl(data_dir / "captions.jsonl")[:4]
+    store = {}
+    a = image_embeds(m.vision_model, exs, proc.image_processor, torch.device("cpu"), embed_cache=store)
+    assert len(store) == 4 and torch.equal(a, image_embeds(m.vision_model, exs, proc.image_processor, torch.device("cpu")))
+
+    def no(*args, **kw):
+        raise AssertionError("decoded an image whose encoder output is cached")
+
+    monkeypatch.setattr(batches, "load_image", no)
+    monkeypatch.setattr(m.vision_model, "forward", no)
+    b = image_embeds(m.vision_model, exs[::-1], proc.image_processor, torch.device("cpu"), embed_cache=store)
+    assert torch.equal(b, a.flip(0))

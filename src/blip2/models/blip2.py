@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..generation.decode import GenerationConfig, _special_tokens, decode, prepare_generation_config
+from ..generation import GenerationConfig, decode, prepare_generation_config, special_tokens
 from .base import Blip2PreTrainedModel
 from .config import Blip2Config
 from .layers import causal_lm_loss
@@ -41,25 +41,13 @@ class _Blip2WithLM(Blip2PreTrainedModel):
         )
         self.post_init()
 
-    def _load_from(self, reader, d, dtype, device):
+    def fit_to_checkpoint(self, keys):
         # Whether the LM head is tied depends on what the file stores (an untied Flan-T5 head).
-        if hasattr(self.language_model, "fit_ties"):
-            pre = "language_model."
-            self.language_model.fit_ties(k[len(pre):] for k in reader.keys() if k.startswith(pre))
-        super()._load_from(reader, d, dtype, device)
+        pre = "language_model."
+        self.language_model.fit_to_checkpoint(k[len(pre):] for k in keys if k.startswith(pre))
 
     def tied_weights(self):
         return {f"language_model.{t}": f"language_model.{s}" for t, s in self.language_model.tied_weights().items()}
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        from ..checkpoint.hub import resolve_dir
-
-        d = resolve_dir(str(pretrained_model_name_or_path))
-        if (d / "generation_config.json").exists():
-            model.generation_config = GenerationConfig.from_pretrained(d)
-        return model
 
     # --- embeddings access, as the reference exposes them ---
     def get_input_embeddings(self) -> nn.Embedding:
@@ -302,7 +290,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         embeds = self._merge(ids, None, lm_inputs.expand(k, -1, -1))
         cfg, history = self._decode_config(embeds, ids, generation_config, generate_kwargs)
         out = self._run_decode(embeds, am, history, cfg, shared_prefix=P)
-        eos, _ = _special_tokens(cfg)
+        eos, _ = special_tokens(cfg)
         eos_t = torch.tensor(eos, device=out.device) if eos else None
         n = cfg.num_return_sequences or 1
         T0 = history.shape[1]
@@ -336,7 +324,9 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         )
         if unused:
             raise TypeError(f"generate() got arguments that are not generation parameters: {sorted(unused)}")
-        if not dec_only:
+        if dec_only:
+            _check_positions(embeds.shape[1], max(cfg.max_length - history.shape[1], 0), self.config)
+        else:
             start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.bos_token_id
             history = torch.full((B, 1), start, dtype=torch.long, device=embeds.device)
         return cfg, history
@@ -347,6 +337,20 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         extra = {"shared_prefix": shared_prefix} if shared_prefix else {}
         session = self.language_model.start(embeds, attention_mask, max_new, **extra)
         return decode(session, history, cfg)
+
+
+def _check_positions(prompt: int, new: int, config: Blip2Config) -> None:
+    """A decoder-only LM has max_position_embeddings positions: the prompt (image queries included)
+    and every new token but the last (which is never fed back) must fit, or the position lookup
+    fails deep inside the model."""
+    limit = config.text_config.max_position_embeddings
+    if prompt + max(new, 1) - 1 > limit:
+        Q = config.num_query_tokens
+        raise ValueError(
+            f"prompt of {prompt} positions ({Q} image queries + {prompt - Q} text tokens) + max_new_tokens "
+            f"{new} exceeds the language model's max_position_embeddings ({limit}); shorten the prompt "
+            f"(at most {limit - Q} text tokens in all) or ask for fewer new tokens"
+        )
 
 
 def _unpad(prompts, attention_mask=None) -> list[list[int]]:

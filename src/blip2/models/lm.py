@@ -9,13 +9,17 @@ in LANGUAGE_MODELS) offers:
     tied_weights() -> {target key: source key}
     start(inputs_embeds, attention_mask, max_new_tokens) -> LMSession    # cached decoding
 
+and its class sets `decodes_tokens = True` (each decoding step reads all of its weights, which tells
+a runtime where its memory traffic is); its attention layers call a ScaledDotProduct module.
+
 An LMSession owns one KVCache per attention layer, sized once for the whole call:
 
     logits = s.prefill()          # (B, V): next-token logits after the prompt (T5: after the start token)
     logits = s.step(tokens)       # tokens (B,): append one token per row, (B, V) logits for the next
     s.reorder(index)              # rows <- rows[index]: beam reorder, or B -> B*k expansion
 
-Positions are host-side ints sliced from a preallocated arange, so a step does no host sync.
+Positions are host-side ints: a step writes its cache slots by slice (and reads position
+tensors from a preallocated arange), so it does no host sync.
 
     s.compile(mode)               # opt-in, before prefill: run step() under torch.compile
                                   # (sessions that do not implement it raise NotImplementedError)
@@ -28,9 +32,6 @@ import importlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from ..backends.cpu import kernels
-from ..backends.cpu.ops import emulated_bf16
 
 # model_type -> (module, class). Adding a decoder family is adding a line here.
 LANGUAGE_MODELS: dict[str, tuple[str, str]] = {
@@ -55,17 +56,6 @@ def attend(
     """q (B, nh, T, hs), k/v (B, nh, S, hs); mask bool (True = attend) or additive, broadcastable
     to (B, nh, T, S). Returns (B, nh, T, hs) and the (B, nh, T, S) weights when asked for."""
     if not need_weights:
-        if emulated_bf16(q):
-            if not is_causal and dropout_p == 0.0:  # a decode step: the C kernel reads the bf16 cache
-                y = kernels.attend_one(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
-                if y is not None:
-                    return y, None
-            # no bf16 matrix instructions: SDPA in fp32 on the (small) q/k/v is twice as fast
-            # (a decode step over 53 cached positions: 145 us -> 63 us per layer)
-            m = mask if mask is None or mask.dtype == torch.bool else mask.float()
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, dropout_p=dropout_p,
-                                               is_causal=is_causal, scale=scale)
-            return y.to(q.dtype), None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         return y, None
     att = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, nh, T, S)
@@ -79,6 +69,18 @@ def attend(
     w = torch.softmax(att.float(), dim=-1).nan_to_num(0.0).to(q.dtype)  # a fully masked row gives 0, as SDPA does
     w = F.dropout(w, dropout_p) if dropout_p > 0 else w
     return w @ v, w
+
+
+class ScaledDotProduct(nn.Module):
+    """`attend` as a module without weights. The language models' attention layers call it through
+    one (`self.sdpa`), so that a runtime can put a module of its own in its place for the
+    hardware it runs on, without the layers knowing."""
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, is_causal: bool = False,
+        scale: float | None = None, dropout_p: float = 0.0, need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        return attend(q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p, need_weights=need_weights)
 
 
 def causal_mask(pad: Tensor, q_pos: Tensor) -> Tensor:
@@ -98,21 +100,16 @@ class KVCache:
 
     def __init__(self, k: Tensor, v: Tensor):
         self.k, self.v = k, v
-        self.at: int | None = None  # eager decoding: input_pos as a host int (its first position)
 
     @classmethod
     def empty(cls, B: int, nh: int, T: int, hs: int, dtype: torch.dtype, device) -> "KVCache":
         # zeros, not empty: unwritten slots are masked out, but 0 * NaN garbage would still be NaN
         return cls(torch.zeros(B, nh, T, hs, dtype=dtype, device=device), torch.zeros(B, nh, T, hs, dtype=dtype, device=device))
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # input_pos: (T,), k/v: (B, nh, T, hs)
-        if not torch.compiler.is_compiling() and self.at is not None:
-            # the session's positions are consecutive from `at`: a slice copy is 4x cheaper than
-            # index_put (which costs 1 ms a token over OPT-2.7b's 32 layers)
-            self.k.narrow(2, self.at, k.shape[2]).copy_(k)
-            self.v.narrow(2, self.at, v.shape[2]).copy_(v)
-            return self.k, self.v
+    def update(self, input_pos: slice | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, nh, T, hs) at input_pos: a slice of T positions (eager sessions: a plain
+        copy, 4x cheaper than the index_put a tensor takes, which cost 1 ms a token over OPT-2.7b's
+        32 layers) or a (T,) long tensor (compiled steps, which advance it in place)."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -165,15 +162,13 @@ class LMSession:
             if t is not None:
                 setattr(self, name, reorder_rows(t, index))
 
-    def _advance(self, n: int) -> Tensor:
-        """Reserve the next n positions; returns them as (n,) long (a view, no allocation)."""
+    def _advance(self, n: int) -> slice:
+        """Reserve the next n positions; returns them as a slice (self._arange[s]: as a tensor)."""
         if self.t + n > self.capacity:
             raise RuntimeError(
                 f"KV cache full: {self.t} positions used, {n} more asked, capacity {self.capacity}; "
                 "start() the session with a larger max_new_tokens"
             )
-        pos = self._arange[self.t : self.t + n]
-        for c in self.caches:
-            c.at = self.t
+        s = slice(self.t, self.t + n)
         self.t += n
-        return pos
+        return s

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import OPTConfig
-from ..backends.cpu.ops import Linear, fused_linear
 from .layers import Embedding, activation, causal_lm_loss
-from .lm import KVCache, LMSession, attend, causal_mask
+from .lm import KVCache, LMSession, ScaledDotProduct, causal_mask
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from ..checkpoint.pretrained import PreTrainedModel
 
@@ -31,18 +30,19 @@ class OPTAttention(nn.Module):
         if self.hs * self.nh != E:
             raise ValueError(f"hidden_size {E} is not a multiple of num_attention_heads {self.nh}")
         self.dropout = c.attention_dropout
-        self.q_proj = Linear(E, E, bias=b)
-        self.k_proj = Linear(E, E, bias=b)
-        self.v_proj = Linear(E, E, bias=b)
-        self.out_proj = Linear(E, E, bias=b)
+        self.q_proj = nn.Linear(E, E, bias=b)
+        self.k_proj = nn.Linear(E, E, bias=b)
+        self.v_proj = nn.Linear(E, E, bias=b)
+        self.out_proj = nn.Linear(E, E, bias=b)
+        self.sdpa = ScaledDotProduct()
 
-    # from_pretrained loads these packed weights back to back, and a decode step reads them in one call
-    fuse_packed = (("q_proj", "k_proj", "v_proj"),)
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, E) -> q, k, v (B, T, E) each, unscaled."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, mask=None, cache=None, input_pos=None, need_weights=False):
         B, T, E = x.shape
-        qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, 3E), or None
-        q, k, v = qkv.split(E, -1) if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.project(x)
         q = (q * self.hs**-0.5).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.nh, self.hs).transpose(1, 2)
         v = v.view(B, T, self.nh, self.hs).transpose(1, 2)
@@ -50,7 +50,7 @@ class OPTAttention(nn.Module):
             k, v = cache.update(input_pos, k, v)  # (B, nh, T_max, hs)
         p = self.dropout if self.training else 0.0
         # scale=1: q is already scaled, in the reference's order (bit-identical)
-        y, w = attend(q, k, v, mask, is_causal=mask is None and T > 1, scale=1.0, dropout_p=p, need_weights=need_weights)
+        y, w = self.sdpa(q, k, v, mask, is_causal=mask is None and T > 1, scale=1.0, dropout_p=p, need_weights=need_weights)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, E)), w
 
 
@@ -63,8 +63,8 @@ class OPTDecoderLayer(nn.Module):
         self.act = activation(c.activation_function)
         self.self_attn = OPTAttention(c)
         self.self_attn_layer_norm = nn.LayerNorm(E, elementwise_affine=aff)
-        self.fc1 = Linear(E, c.ffn_dim, bias=c.enable_bias)
-        self.fc2 = Linear(c.ffn_dim, E, bias=c.enable_bias)
+        self.fc1 = nn.Linear(E, c.ffn_dim, bias=c.enable_bias)
+        self.fc2 = nn.Linear(c.ffn_dim, E, bias=c.enable_bias)
         self.final_layer_norm = nn.LayerNorm(E, elementwise_affine=aff)
 
     def forward(self, x, mask=None, cache=None, input_pos=None, need_weights=False):
@@ -106,8 +106,8 @@ class OPTDecoder(nn.Module):
         self.layerdrop = c.layerdrop
         self.embed_tokens = Embedding(c.vocab_size, Ew, c.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(c.max_position_embeddings, E)
-        self.project_out = Linear(E, Ew, bias=False) if Ew != E else None
-        self.project_in = Linear(Ew, E, bias=False) if Ew != E else None
+        self.project_out = nn.Linear(E, Ew, bias=False) if Ew != E else None
+        self.project_in = nn.Linear(Ew, E, bias=False) if Ew != E else None
         keep_final = c.do_layer_norm_before and not c._remove_final_layer_norm
         self.final_layer_norm = nn.LayerNorm(E, elementwise_affine=c.layer_norm_elementwise_affine) if keep_final else None
         self.layers = nn.ModuleList(OPTDecoderLayer(c) for _ in range(c.num_hidden_layers))
@@ -167,12 +167,13 @@ class OPTModel(nn.Module):
 class OPTForCausalLM(PreTrainedModel):
     config_class = OPTConfig
     main_input_name = "input_ids"
+    decodes_tokens = True
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
     def __init__(self, config: OPTConfig):
         super().__init__(config)
         self.model = OPTModel(config)
-        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.post_init()
 
     def tied_weights(self) -> dict[str, str]:
@@ -264,8 +265,9 @@ class OPTSession(LMSession):
         am = attention_mask.to(dev) if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=dev)
         self.prompt_mask = am
         attn = lm.model.decoder.layers[0].self_attn
-        dt = attn.k_proj.weight.dtype
-        self.caches = [KVCache.empty(B, attn.nh, self.capacity, attn.hs, dt, dev) for _ in lm.model.decoder.layers]
+        # the keys and values come out of the layers in the activations' dtype
+        self.caches = [KVCache.empty(B, attn.nh, self.capacity, attn.hs, inputs_embeds.dtype, dev)
+                       for _ in lm.model.decoder.layers]
         self.mask = torch.zeros(B, self.capacity, dtype=torch.bool, device=dev)  # (B, T_max)
         self.mask[:, :T] = am.bool()
         self.npos = am.long().sum(1)  # (B,) position of each row's next token
@@ -281,13 +283,13 @@ class OPTSession(LMSession):
         if P:  # the shared prefix through one row; its keys/values then copied to the others
             pos = self._advance(P)
             one = [KVCache(c.k[:1], c.v[:1]) for c in self.caches]  # views: writes land in the caches
-            mask = self.mask[:1, None, None, :] & (self._arange[None, :] <= pos[:, None])  # (1, 1, P, T_max)
+            mask = self.mask[:1, None, None, :] & (self._arange[None, :] <= self._arange[pos, None])  # (1, 1, P, T_max)
             dec.run(self.embeds[:1, :P], positions[:1, :P], mask, one, pos)
             for c in self.caches:
                 c.k[1:, :, :P] = c.k[:1, :, :P]
                 c.v[1:, :, :P] = c.v[:1, :, :P]
-        pos = self._advance(self.T - P)  # (T - P,)
-        mask = self.mask[:, None, None, :] & (self._arange[None, :] <= pos[:, None])  # (B, 1, T - P, T_max)
+        pos = self._advance(self.T - P)  # T - P positions
+        mask = self.mask[:, None, None, :] & (self._arange[None, :] <= self._arange[pos, None])  # (B, 1, T - P, T_max)
         x, _, _ = dec.run(self.embeds[:, P:], positions[:, P:], mask, self.caches, pos)
         self.embeds = self.prompt_mask = None  # no longer needed
         return self.lm.lm_head(x[:, -1])  # (B, V)

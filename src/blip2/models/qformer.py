@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2QFormerConfig
-from ..backends.cpu.ops import Linear
 from .layers import Embedding, activation
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from ..checkpoint.pretrained import PreTrainedModel
@@ -30,9 +29,9 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
             raise ValueError(f"hidden_size {C} is not a multiple of num_attention_heads {nh}")
         self.n_head, self.head_dim = nh, C // nh
         kv_in = config.encoder_hidden_size if is_cross_attention else C
-        self.query = Linear(C, C)
-        self.key = Linear(kv_in, C)
-        self.value = Linear(kv_in, C)
+        self.query = nn.Linear(C, C)
+        self.key = nn.Linear(kv_in, C)
+        self.value = nn.Linear(kv_in, C)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +65,7 @@ class Blip2QFormerOutput(nn.Module):
 
     def __init__(self, config: Blip2QFormerConfig, d_in: int | None = None):
         super().__init__()
-        self.dense = Linear(d_in or config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(d_in or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -88,7 +87,7 @@ class Blip2QFormerAttention(nn.Module):
 class Blip2QFormerIntermediate(nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.intermediate_size)
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

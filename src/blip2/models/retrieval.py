@@ -70,13 +70,9 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1):
         output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
-        vision_out = self.vision_model(
-            pixel_values=pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        vision_out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                       output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                       return_dict=True)
         image_embeds = vision_out.last_hidden_state  # (B, 1+N, Cv)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         if attention_mask is None:
@@ -202,13 +198,9 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
         output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
-        vision_out = self.vision_model(
-            pixel_values=pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        vision_out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                       output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                       return_dict=True)
         q = self.query_image(vision_out.last_hidden_state).last_hidden_state
         q = q.to(self.vision_projection.weight.dtype)
         res = Blip2VisionModelOutput(

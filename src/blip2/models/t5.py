@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import T5Config
-from .lm import KVCache, LMSession, additive, attend
-from ..backends.cpu.ops import Linear
+from .lm import KVCache, LMSession, ScaledDotProduct, additive
 from .layers import Embedding, activation
 from .outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqLMOutput
 from ..checkpoint.pretrained import PreTrainedModel
@@ -34,6 +33,12 @@ from ..checkpoint.pretrained import PreTrainedModel
 def scales_decoder_outputs(c: T5Config) -> bool:
     s = getattr(c, "scale_decoder_outputs", None)
     return bool(s) if s is not None else c.tie_word_embeddings is not False
+
+
+def float_dtype(m: nn.Module) -> torch.dtype:
+    """The dtype of m's floating-point parameters: a linear layer's weight, or the scales of one
+    whose weight is stored as integers."""
+    return next(p.dtype for p in m.parameters() if p.is_floating_point())
 
 
 class T5LayerNorm(nn.Module):
@@ -78,10 +83,11 @@ class T5Attention(nn.Module):
         self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
         self.dropout = c.dropout_rate
         inner = self.nh * self.hs
-        self.q = Linear(c.d_model, inner, bias=False)
-        self.k = Linear(c.d_model, inner, bias=False)
-        self.v = Linear(c.d_model, inner, bias=False)
-        self.o = Linear(inner, c.d_model, bias=False)
+        self.q = nn.Linear(c.d_model, inner, bias=False)
+        self.k = nn.Linear(c.d_model, inner, bias=False)
+        self.v = nn.Linear(c.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, c.d_model, bias=False)
+        self.sdpa = ScaledDotProduct()
         if has_relative_attention_bias:
             self.relative_attention_bias = Embedding(self.num_buckets, self.nh)
 
@@ -112,7 +118,7 @@ class T5Attention(nn.Module):
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
-        y, w = attend(q, k, v, bias, scale=1.0, dropout_p=p, need_weights=need_weights)  # T5 does not scale scores
+        y, w = self.sdpa(q, k, v, bias, scale=1.0, dropout_p=p, need_weights=need_weights)  # T5 does not scale scores
         return self.o(y.transpose(1, 2).reshape(B, T, self.nh * self.hs)), w
 
 
@@ -147,19 +153,20 @@ class T5DenseReluDense(nn.Module):
         super().__init__()
         self.gated = c.is_gated_act
         if self.gated:
-            self.wi_0 = Linear(c.d_model, c.d_ff, bias=False)
-            self.wi_1 = Linear(c.d_model, c.d_ff, bias=False)
+            self.wi_0 = nn.Linear(c.d_model, c.d_ff, bias=False)
+            self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False)
         else:
-            self.wi = Linear(c.d_model, c.d_ff, bias=False)
-        self.wo = Linear(c.d_ff, c.d_model, bias=False)
+            self.wi = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
         self.act = activation(c.dense_act_fn)
         self.dropout = c.dropout_rate
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
         h = F.dropout(h, self.dropout, self.training)
-        if h.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
-            h = h.to(self.wo.weight.dtype)  # wo may be kept in fp32 under fp16 weights (flan-t5-xxl overflows)
+        dt = float_dtype(self.wo)
+        if h.dtype != dt:
+            h = h.to(dt)  # wo may be kept in fp32 under fp16 weights (flan-t5-xxl overflows)
         return self.wo(h)
 
 
@@ -275,6 +282,7 @@ class T5Stack(nn.Module):
 class T5ForConditionalGeneration(PreTrainedModel):
     config_class = T5Config
     main_input_name = "input_ids"
+    decodes_tokens = True
     _keep_in_fp32_modules = ("wo",)
     _tied_weights_keys = {
         "encoder.embed_tokens.weight": "shared.weight",
@@ -292,7 +300,7 @@ class T5ForConditionalGeneration(PreTrainedModel):
         self.shared = Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
 
     # --- weights ---
@@ -310,9 +318,8 @@ class T5ForConditionalGeneration(PreTrainedModel):
         if not self.tie_head and self.lm_head.weight is self.shared.weight:
             self.lm_head.weight = nn.Parameter(self.shared.weight.detach().clone())
 
-    def _load_from(self, reader, d, dtype, device) -> None:  # standalone from_pretrained
-        self.fit_ties(reader.keys())
-        super()._load_from(reader, d, dtype, device)
+    def fit_to_checkpoint(self, keys) -> None:
+        self.fit_ties(keys)
 
     def _init_weights(self, m: nn.Module) -> None:
         f, d, c = self.config.initializer_factor, self.config.d_model, self.config
@@ -439,8 +446,8 @@ class T5Session(LMSession):
         self.lm = lm
         self.embeds, self.enc_mask = inputs_embeds, attention_mask
         a = lm.decoder.rel_attn
-        dt = a.k.weight.dtype
-        self.caches = [KVCache.empty(B, a.nh, self.capacity, a.hs, dt, dev) for _ in lm.decoder.block]
+        # the keys and values come out of the layers in the activations' dtype
+        self.caches = [KVCache.empty(B, a.nh, self.capacity, a.hs, inputs_embeds.dtype, dev) for _ in lm.decoder.block]
         self.cross: list[KVCache] = []
         self.enc_bias = self.encoder_last_hidden_state = self.bias = None
 

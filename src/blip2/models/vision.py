@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Blip2VisionConfig
-from ..backends.cpu.ops import Linear
 from .layers import activation
 from .outputs import BaseModelOutputWithPooling
 from ..checkpoint.pretrained import PreTrainedModel
@@ -25,7 +24,7 @@ class Blip2VisionEmbeddings(nn.Module):
         C, P = config.hidden_size, config.patch_size
         self.patch_size = P
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, C))
-        self.patch_embedding = nn.Conv2d(3, C, kernel_size=P, stride=P)
+        self.patch_embedding = nn.Conv2d(3, C, P, stride=P)  # P x P patches, no overlap
         self.num_positions = (config.image_size // P) ** 2 + 1
         self.position_embedding = nn.Parameter(torch.zeros(1, self.num_positions, C))
 
@@ -63,8 +62,8 @@ class Blip2Attention(nn.Module):
             raise ValueError(f"hidden_size {C} is not a multiple of num_attention_heads {nh}")
         self.n_head, self.head_dim = nh, C // nh
         self.dropout = config.attention_dropout
-        self.qkv = Linear(C, 3 * C, bias=config.qkv_bias)
-        self.projection = Linear(C, C)
+        self.qkv = nn.Linear(C, 3 * C, bias=config.qkv_bias)
+        self.projection = nn.Linear(C, C)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         B, T, C = x.shape
@@ -85,8 +84,8 @@ class Blip2MLP(nn.Module):
     def __init__(self, config: Blip2VisionConfig):
         super().__init__()
         self.act = activation(config.hidden_act)
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

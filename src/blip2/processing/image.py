@@ -2,22 +2,29 @@
 
 Matches transformers' PIL backend (`BlipImageProcessorPil`) number for number: every step runs in
 the same dtype and order (uint8 PIL resize, float64 rescale cast to float32, float32 normalise).
+It differs on purpose only where the reference fails or is wrong:
+- 16-bit grayscale PIL images are scaled to 8 bits, not clipped to white (see image_load.to_rgb);
+- arrays with 1, 2 or 4 channels (H, W), (H, W, 1|2|4) become RGB as PIL's L, LA and RGBA would
+  (the reference refuses them); an image with no pixels is an error (the reference returns black);
+- files and not-yet-decoded PIL images over the pixel budget are refused (image_load.py).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
+import numbers
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+import torch
+from PIL import Image
 
-from .tokenization import BatchEncoding
+from ..checkpoint.hub import resolve_dir
+from .encoding import BatchEncoding
+from .image_load import check_pixels, is_decoded, max_image_pixels, to_rgb
+from .image_load import ImageLoadError, _open, load_image  # noqa: F401  (imported from here by callers)
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -30,101 +37,53 @@ _KNOWN = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_n
           "image_mean", "image_std", "do_convert_rgb")
 
 
-class ImageLoadError(ValueError):
-    """An image file could not be read: missing, not an image, truncated, or a decompression bomb."""
-
-
-def load_image(image: str | os.PathLike | Image.Image, timeout: float | None = 10.0) -> Image.Image:
-    """Open `image` (a path, an http(s) URL, a base64 string or a PIL image) as an RGB PIL image.
-
-    EXIF orientation is applied, as in transformers' `load_image`. Unreadable files raise
-    `ImageLoadError` naming the file and the reason.
-    """
-    if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image).convert("RGB")
-    if not isinstance(image, (str, os.PathLike)):
-        raise TypeError(f"cannot load an image from an object of type {type(image).__name__}; "
-                        "pass a file path, a URL or a PIL.Image.Image")
-    src = os.fspath(image)
-    if isinstance(src, bytes):
-        src = src.decode()
-    if src.startswith(("http://", "https://")):
-        import urllib.request  # stdlib; only needed for URLs
-
-        try:
-            with urllib.request.urlopen(src, timeout=timeout) as r:
-                data = r.read()
-        except Exception as e:
-            raise ImageLoadError(f"cannot download image {src}: {e}") from e
-        return _open(io.BytesIO(data), src)
-    if os.path.isfile(src):
-        return _open(src, src)
-    if src.startswith("data:image/"):
-        try:
-            return _open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), "data URL")
-        except ImageLoadError:
-            raise
-        except Exception as e:
-            raise ImageLoadError(f"cannot decode base64 data URL: {e}") from e
-    if os.path.exists(src):
-        raise ImageLoadError(f"cannot read image {src}: it is not a regular file")
-    raise ImageLoadError(f"cannot read image {src}: no such file")
-
-
-def _open(fp, name: str) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; the reference loads such images too.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            img.load()  # PIL opens lazily: force decoding so truncated data fails here, not later
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"cannot read image {name}: decompression bomb refused by Pillow ({e})") from e
-    except Image.UnidentifiedImageError as e:
-        raise ImageLoadError(f"cannot read image {name}: not an image file Pillow can identify") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        why = "file is truncated or corrupt" if "truncated" in str(e).lower() or isinstance(e, SyntaxError) else "unreadable"
-        raise ImageLoadError(f"cannot read image {name}: {why} ({type(e).__name__}: {e})") from e
-    return ImageOps.exif_transpose(img).convert("RGB")
-
-
 def _size_dict(size: Any) -> dict:
-    if isinstance(size, int):  # BLIP uses default_to_square=True
-        return {"height": size, "width": size}
-    if isinstance(size, (tuple, list)):
-        return {"height": int(size[0]), "width": int(size[1])}
-    if isinstance(size, dict):
-        keys = set(size)
-        if keys in ({"height", "width"}, {"shortest_edge"}):
-            return dict(size)
-    raise ValueError(f"size must be an int, (height, width) or a dict with 'height' and 'width' "
-                     f"(or 'shortest_edge'); got {size!r}")
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):  # BLIP uses default_to_square=True
+        d = {"height": size, "width": size}
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        d = {"height": int(size[0]), "width": int(size[1])}
+    elif isinstance(size, dict) and set(size) in ({"height", "width"}, {"shortest_edge"}):
+        d = dict(size)
+    else:
+        raise ValueError(f"size must be an int, (height, width) or a dict with 'height' and 'width' "
+                         f"(or 'shortest_edge'); got {size!r}")
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in d.values()):
+        raise ValueError(f"size must be positive whole numbers of pixels; got {size!r}")
+    return {k: int(v) for k, v in d.items()}
 
 
 def _infer_last(a: np.ndarray) -> bool:
-    """True when a 3-d array is channels-last, with the reference's rule: (1, 3) channels, first wins."""
-    if a.ndim != 3:
-        raise ValueError(f"an image must have 2 or 3 dimensions, got shape {a.shape}")
-    if a.shape[0] in (1, 3):
-        return False
-    if a.shape[2] in (1, 3):
-        return True
+    """True when a 3-d array is channels-last. The reference's rule first (1 or 3 channels, first
+    wins), then what it refuses: 2 (LA) or 4 (RGBA) channels, last before first."""
+    for last, counts in ((False, (1, 3)), (True, (1, 3)), (True, (2, 4)), (False, (2, 4))):
+        if a.shape[2 if last else 0] in counts:
+            return last
     raise ValueError(f"cannot tell where the channel axis is in an image of shape {a.shape}; "
-                     "expected 1 or 3 channels first or last")
+                     "expected 1, 2, 3 or 4 channels first or last")
+
+
+def _gray_alpha_to_rgb(a: np.ndarray) -> np.ndarray:
+    """(C, H, W) with C in 1 (L), 2 (LA), 3, 4 (RGBA) -> (3, H, W) the way PIL's convert("RGB")
+    treats those modes: gray is repeated, alpha is dropped (not composited)."""
+    c = a.shape[0]
+    if c in (1, 2):
+        return np.repeat(a[:1], 3, axis=0)
+    return a[:3] if c == 4 else a
 
 
 def _pil_rescale_needed(a: np.ndarray) -> bool:
-    # Same test as the reference before handing an array to PIL: integral values stay, [0, 1] floats
-    # are scaled to [0, 255] (and back afterwards), anything else cannot become uint8.
-    if a.dtype == np.uint8:
+    # Same test as the reference before handing an array to PIL: integral values in [0, 255] stay,
+    # [0, 1] floats are scaled to [0, 255] (and back afterwards), anything else cannot become uint8.
+    if a.dtype in (np.uint8, np.bool_):
         return False
-    if np.allclose(a, a.astype(int)):
-        if np.all(a >= 0) and np.all(a <= 255):
+    lo, hi = a.min(), a.max()
+    if lo >= 0 and hi <= 255:  # only here can astype(int) not overflow
+        if a.dtype.kind in "iu" or np.allclose(a, a.astype(int)):
             return False
-        raise ValueError(f"image values outside [0, 255] (got [{a.min()}, {a.max()}]) cannot be resized with PIL")
-    if np.all(a >= 0) and np.all(a <= 1):
-        return True
-    raise ValueError(f"image values outside [0, 1] (got [{a.min()}, {a.max()}]) cannot be resized with PIL")
+        if hi <= 1:
+            return True
+    raise ValueError(f"image values must be whole numbers in [0, 255] or floats in [0, 1] to be resized; "
+                     f"got {a.dtype} values in [{lo}, {hi}]")
 
 
 def _rescale(a: np.ndarray, scale: float) -> np.ndarray:
@@ -139,7 +98,7 @@ def _resize(a: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
     scaled = _pil_rescale_needed(x)
     if scaled:
         x = _rescale(x, 255)
-    pil = Image.fromarray(x.astype(np.uint8))
+    pil = Image.fromarray(x.astype(np.uint8, copy=False))
     y = np.array(pil.resize((w, h), resample=resample))
     if y.ndim == 2:
         y = y[..., None]
@@ -175,8 +134,6 @@ class BlipImageProcessor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **overrides: Any) -> "BlipImageProcessor":
         """Read `preprocessor_config.json`, or the `image_processor` entry of `processor_config.json`."""
-        from ..checkpoint.hub import resolve_dir
-
         d = resolve_dir(str(path_or_id))
         f = d / IMAGE_PROCESSOR_NAME
         if f.is_file():
@@ -220,8 +177,10 @@ class BlipImageProcessor:
             return [load_image(images)]
         if isinstance(images, Image.Image):
             return [images]
-        if isinstance(images, np.ndarray) or _is_tensor(images):
+        if isinstance(images, np.ndarray) or torch.is_tensor(images):
             if images.ndim == 4:
+                if images.shape[0] == 0:
+                    raise ValueError(f"got an empty batch of images (shape {tuple(images.shape)})")
                 return list(images)
             if images.ndim in (2, 3):
                 return [images]
@@ -231,25 +190,35 @@ class BlipImageProcessor:
 
     @staticmethod
     def _to_chw(image: Any, do_convert_rgb: bool, input_data_format: str | None) -> np.ndarray:
-        last = None
         if isinstance(image, Image.Image):
-            if do_convert_rgb and image.mode != "RGB":
-                image = image.convert("RGB")  # plain PIL conversion: alpha is dropped, not composited
+            # A lazily opened file decodes on first use: the same budget as load_image, before that.
+            check_pixels(image.size, "given as a PIL image", None if is_decoded(image) else max_image_pixels())
+            if do_convert_rgb:
+                image = to_rgb(image)  # alpha is dropped, not composited, as the reference does
             a = np.array(image)
-            if a.ndim >= 3:
-                last = True
-        elif _is_tensor(image):
-            a = image.detach().cpu().numpy()
+            return a.transpose(2, 0, 1) if a.ndim == 3 else a[None]  # (C, H, W)
+        if torch.is_tensor(image):
+            image = image.detach().cpu()
+            a = (image.float() if image.dtype == torch.bfloat16 else image).numpy()
         else:
             a = image
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"an image array must hold bool, integer or float values, got dtype {a.dtype}")
         if a.ndim == 2:
             a = a[None]
-        if last is None:
-            if input_data_format is not None:
-                last = str(input_data_format) in ("channels_last", "ChannelDimension.LAST")
-            else:
-                last = _infer_last(a)
-        return a.transpose(2, 0, 1) if last else a
+        elif input_data_format is None:
+            a = a.transpose(2, 0, 1) if _infer_last(a) else a
+        elif str(input_data_format) in ("channels_last", "ChannelDimension.LAST"):
+            a = a.transpose(2, 0, 1)
+        elif str(input_data_format) not in ("channels_first", "ChannelDimension.FIRST"):
+            raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', "
+                             f"got {input_data_format!r}")
+        if a.shape[0] not in (1, 2, 3, 4):
+            raise ValueError(f"an image must have 1, 2, 3 or 4 channels, got {a.shape[0]} (as (C, H, W): {a.shape})")
+        check_pixels(a.shape[:0:-1], f"of shape {tuple(image.shape)}", None)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"image of shape {tuple(image.shape)} holds NaN or infinite values")
+        return _gray_alpha_to_rgb(a) if do_convert_rgb else a  # (C, H, W)
 
     def preprocess(self, images: Any, return_tensors: str | None = None, *, do_resize: bool | None = None,
                    size: Any = None, resample: int | None = None, do_rescale: bool | None = None,
@@ -309,15 +278,3 @@ def _normalize(a: np.ndarray, mean: Any, std: Any) -> np.ndarray:
 
 def _floats(x: Any) -> float | list[float]:
     return list(x) if isinstance(x, (list, tuple, np.ndarray)) else x
-
-
-def _is_tensor(x: Any) -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, torch.Tensor)
-
-
-AutoImageProcessor = BlipImageProcessor
-BlipImageProcessorPil = BlipImageProcessor

@@ -11,8 +11,11 @@ from typing import Any
 
 from tokenizers import AddedToken
 
+from ..checkpoint.hub import resolve_dir
+from ..models.prompt import image_prompt
+from .encoding import BatchEncoding
 from .image import IMAGE_PROCESSOR_NAME, BlipImageProcessor
-from .tokenization import BatchEncoding, Blip2Tokenizer
+from .tokenization import Blip2Tokenizer
 
 PROCESSOR_NAME = "processor_config.json"
 _IMAGE_KWARGS = {"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
@@ -25,8 +28,6 @@ _TEXT_KWARGS = {"text_pair", "add_special_tokens", "padding", "truncation", "max
 _TEXT_DEFAULTS = dict(add_special_tokens=True, padding=False, stride=0, return_overflowing_tokens=False,
                       return_special_tokens_mask=False, return_offsets_mapping=False, return_token_type_ids=False,
                       return_length=False, verbose=True)
-
-BatchFeature = BatchEncoding
 
 
 class Blip2Processor:
@@ -59,8 +60,6 @@ class Blip2Processor:
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "Blip2Processor":
         """Load from a checkpoint directory or hub id. Reads processor_config.json (newer layout,
         with the image processor nested and num_query_tokens) or preprocessor_config.json (older)."""
-        from ..checkpoint.hub import resolve_dir
-
         d = resolve_dir(str(path_or_id))
         pc = json.loads((d / PROCESSOR_NAME).read_text(encoding="utf-8")) if (d / PROCESSOR_NAME).is_file() else {}
         ip_cfg = pc.pop("image_processor", None)
@@ -119,16 +118,28 @@ class Blip2Processor:
                 raise ValueError("Invalid input text. Please provide a string, or a list of strings")
             enc = self.tokenizer(text, **text_kw)
             if images is not None and self.num_query_tokens is not None:
-                # BLIP-2 puts the query placeholders before everything, BOS and left padding included;
-                # they are never padded or truncated.
-                img_kw = {**text_kw, "add_special_tokens": False, "padding": False, "truncation": False}
-                img = self.tokenizer(str(self.image_token) * self.num_query_tokens, **img_kw)
-                for k in list(enc.keys()):
-                    enc[k] = [img[k] + row for row in enc[k]]
+                self._put_image_tokens_first(enc)
             encoding.update(enc)
         if images is not None:
             encoding.update(self.image_processor(images, **image_kw))
         return BatchEncoding(encoding, tensor_type=return_tensors)
+
+    def _put_image_tokens_first(self, enc: BatchEncoding) -> None:
+        """Prefix every row with the Q image placeholders, in front of everything (BOS and left
+        padding included); they are never padded or truncated. Each output holds what the reference
+        gets by tokenising "<image>" * Q without special tokens: the image token id, attention 1,
+        token type 0, special-token mask 0, and the placeholders' character spans in that string."""
+        Q, image_id, n = self.num_query_tokens, self.image_token_id, len(str(self.image_token))
+        fill = {"token_type_ids": 0, "attention_mask": 1, "special_tokens_mask": 0}
+        for k, rows in list(enc.items()):
+            if k == "input_ids":
+                enc[k] = [image_prompt(row, Q, image_id) for row in rows]
+            elif k in fill:
+                enc[k] = [[fill[k]] * Q + row for row in rows]
+            elif k == "offset_mapping":
+                enc[k] = [[(i * n, (i + 1) * n) for i in range(Q)] + row for row in rows]
+            else:  # length, overflow_to_sample_mapping: one number per row, nothing to prefix
+                raise TypeError(f"the processor cannot return {k} together with images")
 
     # ------------------------------------------------------------------ decode
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:

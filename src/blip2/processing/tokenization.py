@@ -1,8 +1,8 @@
-"""Tokenizers for BLIP-2 checkpoints on the `tokenizers` library: OPT (GPT-2 byte-level BPE),
-Flan-T5 (Unigram) and BERT uncased WordPiece (retrieval checkpoints).
+"""Blip2Tokenizer: the tokenizer of a BLIP-2 checkpoint, with the API of transformers' tokenizers.
 
-The backend pipeline is rebuilt per family from the saved vocabulary, as transformers 5.x does
-(GPT2Tokenizer / T5Tokenizer / BertTokenizer), so ids, special tokens and decoding match it.
+It drives a `tokenizers.Tokenizer` rebuilt from the checkpoint's files (tokenizer_backend.py) for
+the three families BLIP-2 uses: OPT (GPT-2 byte-level BPE), Flan-T5 (Unigram) and BERT uncased
+WordPiece (retrieval checkpoints); ids, special tokens and decoding match transformers 5.x.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import BPE, Unigram, WordPiece
+from tokenizers import AddedToken, Tokenizer, processors
 
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+from ..checkpoint.hub import resolve_dir
+from .encoding import BatchEncoding
+from .special_tokens import SpecialTokensMixin
+from .tokenizer_backend import FAMILY, SPECIAL_TOKEN_NAMES, added_token, as_token, read_tokenizer_dir
+
 VERY_LARGE_INTEGER = int(1e30)  # "no limit", as transformers writes model_max_length
 LARGE_INTEGER = int(1e20)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt", "vocab.txt")
 
-# tokenizer_class in tokenizer_config.json -> pipeline family
-_FAMILY = {"GPT2Tokenizer": "gpt2", "T5Tokenizer": "t5", "BertTokenizer": "bert"}
 _DEFAULTS = {  # the reference classes' default special tokens
     "gpt2": dict(unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>"),
     "t5": dict(eos_token="</s>", unk_token="<unk>", pad_token="<pad>"),
@@ -32,127 +32,13 @@ _INPUT_NAMES = {"bert": ["input_ids", "token_type_ids", "attention_mask"]}
 # tokenizer_config.json keys that are bookkeeping, not settings
 _DROP_ON_SAVE = ("name_or_path", "tokenizer_file", "vocab_file", "merges_file", "added_tokens_decoder",
                  "additional_special_tokens", "add_bos_token", "add_eos_token", "tokenizer_class", "backend")
+# tokenizer output key -> its value for one `tokenizers.Encoding`
+_OUTPUTS = {"input_ids": lambda e: e.ids, "token_type_ids": lambda e: e.type_ids,
+            "attention_mask": lambda e: e.attention_mask, "special_tokens_mask": lambda e: e.special_tokens_mask,
+            "offset_mapping": lambda e: e.offsets, "length": lambda e: len(e.ids)}
 
 
-class BatchEncoding(dict):
-    """A dict of model inputs with attribute access, tensor conversion and `.to(device, dtype)`.
-
-    `.to(dtype)` casts only floating tensors (pixel_values), so `input_ids` stay integer.
-    """
-
-    def __init__(self, data: dict | None = None, tensor_type: str | None = None, encodings: list | None = None):
-        super().__init__(data or {})
-        self._encodings = encodings
-        self.convert_to_tensors(tensor_type)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __getstate__(self):
-        return {"data": dict(self), "encodings": self._encodings}
-
-    def __setstate__(self, state):
-        self.update(state["data"])
-        self._encodings = state.get("encodings")
-
-    def __reduce__(self):
-        return (self.__class__, (dict(self),), {"data": {}, "encodings": self._encodings})
-
-    @property
-    def encodings(self):
-        return self._encodings
-
-    def tokens(self, batch_index: int = 0) -> list[str]:
-        return self._encodings[batch_index].tokens
-
-    def convert_to_tensors(self, tensor_type: str | None = None) -> "BatchEncoding":
-        if tensor_type is None:
-            return self
-        tensor_type = str(getattr(tensor_type, "value", tensor_type))
-        import numpy as np
-
-        for k, v in list(self.items()):
-            if isinstance(v, str) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], str)):
-                continue
-            try:
-                if tensor_type == "pt":
-                    import torch
-
-                    if torch.is_tensor(v):
-                        continue
-                    if isinstance(v, (list, tuple)) and v and torch.is_tensor(v[0]):
-                        self[k] = torch.stack(list(v))
-                    elif isinstance(v, np.ndarray) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], np.ndarray)):
-                        self[k] = torch.from_numpy(np.array(v))
-                    else:
-                        self[k] = torch.tensor(v)
-                elif tensor_type == "np":
-                    self[k] = np.asarray(v)
-                else:
-                    raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {tensor_type!r}")
-            except ValueError as e:
-                if "return_tensors must be" in str(e):
-                    raise
-                raise ValueError(f"cannot make a tensor of '{k}' ({e}); its rows differ in length: pass "
-                                 "padding=True (or padding='max_length'), or return_tensors=None") from e
-        return self
-
-    def to(self, *args: Any, **kwargs: Any) -> "BatchEncoding":
-        """Move tensors to a device; a dtype argument applies to floating tensors only."""
-        import torch
-
-        device = kwargs.get("device")
-        if device is None and args:
-            if isinstance(args[0], torch.dtype):
-                pass
-            elif isinstance(args[0], (str, int, torch.device)):
-                device = args[0]
-            else:
-                raise ValueError(f"cannot move a BatchEncoding to {args[0]!r}")
-        non_blocking = kwargs.get("non_blocking", False)
-
-        def move(v):
-            if isinstance(v, torch.Tensor) and torch.is_floating_point(v):
-                return v.to(*args, **kwargs)
-            if isinstance(v, torch.Tensor) and device is not None:
-                return v.to(device=device, non_blocking=non_blocking)
-            if isinstance(v, (list, tuple)):
-                return type(v)(move(x) for x in v)
-            return v
-
-        for k in list(self.keys()):
-            self[k] = move(self[k])
-        return self
-
-
-def _added(tok: Any) -> AddedToken:
-    """An AddedToken from a config value: a string, a serialized dict or an AddedToken."""
-    if isinstance(tok, AddedToken):
-        return tok
-    if isinstance(tok, dict):
-        d = {k: v for k, v in tok.items() if k in ("content", "single_word", "lstrip", "rstrip", "normalized", "special")}
-        return AddedToken(**d)
-    return AddedToken(str(tok), special=True)
-
-
-def _as_token(v: Any) -> Any:
-    """Config values may be serialized AddedTokens ({"__type": "AddedToken", ...}): make them objects."""
-    if isinstance(v, dict) and "content" in v:
-        return _added(v)
-    return v
-
-
-def _read_json(p: Path) -> dict:
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
-
-
-class Blip2Tokenizer:
+class Blip2Tokenizer(SpecialTokensMixin):
     """The tokenizer of a BLIP-2 checkpoint, API-compatible with the parts of transformers' tokenizers
     that BLIP-2 code uses. Build it with `from_pretrained(dir_or_hub_id)`."""
 
@@ -186,13 +72,13 @@ class Blip2Tokenizer:
         self._special: dict[str, Any] = {k: None for k in SPECIAL_TOKEN_NAMES}
         self._extra_special: list = []
         for k, v in cfg.items():
-            v = _as_token(v)
+            v = as_token(v)
             if k in SPECIAL_TOKEN_NAMES:
                 self._special[k] = v
             elif k == "extra_special_tokens" and isinstance(v, dict):
-                self._special.update({n: _as_token(t) for n, t in v.items()})  # named model-specific tokens
+                self._special.update({n: as_token(t) for n, t in v.items()})  # named model-specific tokens
             elif k == "extra_special_tokens" and v is not None:
-                self._extra_special = [_as_token(t) for t in v]
+                self._extra_special = [as_token(t) for t in v]
             elif k.endswith("_token") and isinstance(v, (str, AddedToken)):
                 self._special[k] = v  # e.g. image_token
 
@@ -213,7 +99,7 @@ class Blip2Tokenizer:
         # Added tokens in id order first (so they get their saved ids), then any special token the
         # backend does not know yet.
         present = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
-        to_add = [_added(t) for _, t in sorted((added_tokens_decoder or {}).items())]
+        to_add = [added_token(t) for _, t in sorted((added_tokens_decoder or {}).items())]
         known = present | {t.content for t in to_add}
         named = {str(v) for v in self._special.values() if v is not None}
         for v in list(self._special.values()) + list(self._extra_special):
@@ -248,164 +134,11 @@ class Blip2Tokenizer:
         """Load from a checkpoint directory (or hub id) holding tokenizer.json, or vocab.json +
         merges.txt (OPT), or vocab.txt (BERT), plus tokenizer_config.json, special_tokens_map.json
         and added_tokens.json when present."""
-        from ..checkpoint.hub import resolve_dir
-
         d = resolve_dir(str(path_or_id))
-        cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
-        cls_name = cfg.pop("tokenizer_class", None) or ""
-        cfg.pop("init_inputs", None)
-        cfg.update(kwargs)
-        tj_path = d / "tokenizer.json"
-        tj = _read_json(tj_path) if tj_path.is_file() else None
-        has_bpe_files = (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
-        has_wp_file = (d / "vocab.txt").is_file()
-        family = _FAMILY.get(cls_name.removesuffix("Fast"))
-        if family is None:
-            family = "generic" if tj is not None else "gpt2" if has_bpe_files else "bert" if has_wp_file else None
-        ok = tj is not None or (family == "gpt2" and has_bpe_files) or (family == "bert" and has_wp_file)
-        if not ok:
-            extra = " (a sentencepiece spiece.model alone is not supported: it needs tokenizer.json)" \
-                if (d / "spiece.model").is_file() else ""
-            raise FileNotFoundError(f"no tokenizer files in {d}: looked for {', '.join(TOKENIZER_FILES)}"
-                                    f" for tokenizer class {cls_name or 'unknown'}{extra}")
-        if tj is not None:
-            # transformers ignores add_bos/eos_token when a tokenizer.json exists: its post-processor rules
-            cfg.pop("add_bos_token", None)
-            cfg.pop("add_eos_token", None)
-        cfg["tokenizer_class"] = cls_name or None
-        cfg["name_or_path"] = str(path_or_id)
-        if "additional_special_tokens" in cfg:
-            cfg.setdefault("extra_special_tokens", cfg.pop("additional_special_tokens"))
-
-        # Added tokens: tokenizer_config's added_tokens_decoder, else the legacy files.
-        added: dict[int, AddedToken] = {}
-        if "added_tokens_decoder" in cfg:
-            added = {int(i): _added(t) for i, t in cfg.pop("added_tokens_decoder").items()}
-        else:
-            stm = d / "special_tokens_map.json"
-            if stm.is_file():
-                for k, v in _read_json(stm).items():
-                    if k in kwargs and kwargs[k]:
-                        continue
-                    if isinstance(v, dict) and k != "extra_special_tokens":
-                        v = AddedToken(**{**{a: b for a, b in v.items() if a != "special"}, "special": True})
-                    elif k == "extra_special_tokens" and isinstance(v, list):
-                        old = list(cfg.get("extra_special_tokens") or [])
-                        v = old + [t for t in (_added(x) if isinstance(x, dict) else x for x in v) if t not in old]
-                    cfg[k] = v
-            atj = d / "added_tokens.json"
-            if atj.is_file():
-                special = {str(_as_token(cfg[k])) for k in SPECIAL_TOKEN_NAMES if cfg.get(k)}
-                special |= {str(_as_token(t)) for t in (cfg.get("extra_special_tokens") or [])}
-                for tok, i in _read_json(atj).items():
-                    sp = tok in special
-                    added[int(i)] = AddedToken(tok, rstrip=False, lstrip=False, normalized=not sp, special=sp)
-            if tj is not None:
-                for t in tj.get("added_tokens", []):
-                    t = dict(t)
-                    added[int(t.pop("id"))] = _added(t)
-        by_content = {t.content: t for t in added.values()}
-        for k in SPECIAL_TOKEN_NAMES:
-            if cfg.get(k) is not None and by_content:
-                cfg[k] = by_content.get(str(_as_token(cfg[k])), _as_token(cfg[k]))
-
-        backend = _build_backend(family, d, tj, cfg)
+        backend, family, added, cfg = read_tokenizer_dir(d, str(path_or_id), kwargs)
         return cls(backend, family=family, added_tokens_decoder=added, **cfg)
 
-    # ------------------------------------------------------------------ special tokens
-    def _tok(self, name: str) -> str | None:
-        v = self._special.get(name)
-        return None if v is None else str(v)
-
-    def _tok_id(self, name: str) -> int | None:
-        v = self._tok(name)
-        return None if v is None else self.convert_tokens_to_ids(v)
-
-    def __getattr__(self, name: str) -> Any:
-        # model-specific named tokens (image_token, ...) and their ids; absent ones raise AttributeError
-        if name.startswith("_"):
-            raise AttributeError(name)
-        special = self.__dict__.get("_special", {})
-        base = name.removesuffix("_id")
-        if base in special and special[base] is not None and base not in SPECIAL_TOKEN_NAMES:
-            return self._tok_id(base) if name.endswith("_id") else self._tok(base)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-    def _set_special(self, name: str, value: Any) -> None:
-        self._special[name] = value
-
-    bos_token = property(lambda s: s._tok("bos_token"), lambda s, v: s._set_special("bos_token", v))
-    eos_token = property(lambda s: s._tok("eos_token"), lambda s, v: s._set_special("eos_token", v))
-    unk_token = property(lambda s: s._tok("unk_token"), lambda s, v: s._set_special("unk_token", v))
-    sep_token = property(lambda s: s._tok("sep_token"), lambda s, v: s._set_special("sep_token", v))
-    pad_token = property(lambda s: s._tok("pad_token"), lambda s, v: s._set_special("pad_token", v))
-    cls_token = property(lambda s: s._tok("cls_token"), lambda s, v: s._set_special("cls_token", v))
-    mask_token = property(lambda s: s._tok("mask_token"), lambda s, v: s._set_special("mask_token", v))
-    bos_token_id = property(lambda s: s._tok_id("bos_token"))
-    eos_token_id = property(lambda s: s._tok_id("eos_token"))
-    unk_token_id = property(lambda s: s._tok_id("unk_token"))
-    sep_token_id = property(lambda s: s._tok_id("sep_token"))
-    pad_token_id = property(lambda s: s._tok_id("pad_token"))
-    cls_token_id = property(lambda s: s._tok_id("cls_token"))
-    mask_token_id = property(lambda s: s._tok_id("mask_token"))
-    pad_token_type_id = 0
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        out = {k: str(v) for k, v in self._special.items() if v is not None}
-        if self._extra_special:
-            out["extra_special_tokens"] = [str(t) for t in self._extra_special]
-        return out
-
-    @property
-    def extra_special_tokens(self) -> list[str]:
-        return [str(t) for t in self._extra_special]
-
-    additional_special_tokens = extra_special_tokens
-
-    @property
-    def all_special_tokens(self) -> list[str]:
-        seen: list[str] = []
-        for v in list(self._special.values()) + list(self._extra_special):
-            if v is not None and str(v) not in seen:
-                seen.append(str(v))
-        return seen
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return self.convert_tokens_to_ids(self.all_special_tokens)
-
-    @property
-    def add_bos_token(self) -> bool:
-        return self._add_bos_token
-
-    @add_bos_token.setter
-    def add_bos_token(self, v: bool) -> None:
-        self._add_bos_token = bool(v)
-        self.update_post_processor()
-
-    @property
-    def add_eos_token(self) -> bool:
-        return self._add_eos_token
-
-    @add_eos_token.setter
-    def add_eos_token(self, v: bool) -> None:
-        self._add_eos_token = bool(v)
-        self.update_post_processor()
-
-    def update_post_processor(self) -> None:
-        """Rebuild the template that adds BOS/EOS from add_bos_token / add_eos_token."""
-        bos, eos = self.bos_token, self.eos_token
-        if bos is None:
-            self._add_bos_token = False
-        if eos is None:
-            self._add_eos_token = False
-        b, e = self._add_bos_token, self._add_eos_token
-        single = f"{(bos + ':0 ') if b else ''}$A:0{(' ' + eos + ':0') if e else ''}"
-        pair = f"{single}{(' ' + bos + ':1') if b else ''} $B:1{(' ' + eos + ':1') if e else ''}"
-        st = ([(bos, self.bos_token_id)] if b else []) + ([(eos, self.eos_token_id)] if e else [])
-        self._tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=st)
-
+    # ------------------------------------------------------------------ vocabulary
     def add_tokens(self, new_tokens: str | AddedToken | list, special_tokens: bool = False) -> int:
         """Add tokens to the vocabulary (at the end); returns how many were new."""
         if not new_tokens:
@@ -416,31 +149,6 @@ class Blip2Tokenizer:
             return self._tokenizer.add_special_tokens(list(new_tokens))
         return self._tokenizer.add_tokens(list(new_tokens))
 
-    def add_special_tokens(self, special_tokens_dict: dict, replace_extra_special_tokens: bool = True) -> int:
-        """Set named special tokens (pad_token=..., extra_special_tokens=[...]) and add them."""
-        d = dict(special_tokens_dict)
-        if "additional_special_tokens" in d:
-            d.setdefault("extra_special_tokens", d.pop("additional_special_tokens"))
-        new: list = []
-        for k, v in d.items():
-            if k == "extra_special_tokens":
-                toks = [AddedToken(t, normalized=False, special=True) if isinstance(t, str) else t for t in v
-                        if replace_extra_special_tokens or str(t) not in self.extra_special_tokens]
-                if replace_extra_special_tokens and toks:
-                    self._extra_special = list(toks)
-                else:
-                    self._extra_special.extend(toks)
-                new.extend(toks)
-            elif k in self._special or k in SPECIAL_TOKEN_NAMES:
-                if isinstance(v, str):
-                    v = AddedToken(v, normalized=False, special=True)
-                self._special[k] = v
-                new.append(v)
-            else:
-                raise ValueError(f"{k} is not a special token name; use one of {SPECIAL_TOKEN_NAMES} or extra_special_tokens")
-        return self.add_tokens(new, special_tokens=True)
-
-    # ------------------------------------------------------------------ vocabulary
     def __len__(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -562,37 +270,18 @@ class Blip2Tokenizer:
             return_token_type_ids = "token_type_ids" in self.model_input_names
         if return_attention_mask is None:
             return_attention_mask = "attention_mask" in self.model_input_names
-        data: dict[str, list] = {"input_ids": []}
-        if return_token_type_ids:
-            data["token_type_ids"] = []
-        if return_attention_mask:
-            data["attention_mask"] = []
-        for k in ("special_tokens_mask", "offset_mapping", "length"):
-            if {"special_tokens_mask": return_special_tokens_mask, "offset_mapping": return_offsets_mapping,
-                    "length": return_length}[k]:
-                data[k] = []
-        flat, mapping = [], []
-        for i, e in enumerate(encs):
-            es = [e] + (list(e.overflowing) if return_overflowing_tokens else [])
-            for x in es:
-                flat.append(x)
-                mapping.append(i)
-                data["input_ids"].append(x.ids)
-                if return_token_type_ids:
-                    data["token_type_ids"].append(x.type_ids)
-                if return_attention_mask:
-                    data["attention_mask"].append(x.attention_mask)
-                if return_special_tokens_mask:
-                    data["special_tokens_mask"].append(x.special_tokens_mask)
-                if return_offsets_mapping:
-                    data["offset_mapping"].append(x.offsets)
-                if return_length:
-                    data["length"].append(len(x.ids))
+        wanted = {"input_ids": True, "token_type_ids": return_token_type_ids, "attention_mask": return_attention_mask,
+                  "special_tokens_mask": return_special_tokens_mask, "offset_mapping": return_offsets_mapping,
+                  "length": return_length}
+        # (input row, encoding): overflowing windows follow the row they came from
+        flat = [(i, x) for i, e in enumerate(encs)
+                for x in [e] + (list(e.overflowing) if return_overflowing_tokens else [])]
+        data = {k: [_OUTPUTS[k](x) for _, x in flat] for k, on in wanted.items() if on}
         if return_overflowing_tokens:
-            data["overflow_to_sample_mapping"] = mapping
+            data["overflow_to_sample_mapping"] = [i for i, _ in flat]
         if not batched and return_tensors is None and not return_overflowing_tokens:
             data = {k: (v[0] if v and isinstance(v[0], list) else v) for k, v in data.items()}
-        return BatchEncoding(data, tensor_type=return_tensors, encodings=flat)
+        return BatchEncoding(data, tensor_type=return_tensors, encodings=[x for _, x in flat])
 
     def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs: Any):
         return self(text, text_pair=text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
@@ -641,9 +330,8 @@ class Blip2Tokenizer:
             cfg["extra_special_tokens"] = self.extra_special_tokens
         if processor_class is not None:
             cfg["processor_class"] = processor_class
-        cls_name = self.init_kwargs.get("tokenizer_class") or {"gpt2": "GPT2Tokenizer", "t5": "T5Tokenizer",
-                                                               "bert": "BertTokenizer"}.get(self.family, "TokenizersBackend")
-        cfg["tokenizer_class"] = cls_name
+        family_class = {f: c for c, f in FAMILY.items()}.get(self.family, "TokenizersBackend")
+        cfg["tokenizer_class"] = self.init_kwargs.get("tokenizer_class") or family_class
         cfg["backend"] = "tokenizers"
         # Leave no padding/truncation state from the last call in the saved file.
         tk = self._tokenizer
@@ -658,75 +346,6 @@ class Blip2Tokenizer:
         return (f"{type(self).__name__}(name_or_path={self.name_or_path!r}, family={self.family!r}, "
                 f"vocab_size={self.vocab_size}, len={len(self)}, padding_side={self.padding_side!r}, "
                 f"special_tokens={self.special_tokens_map})")
-
-
-def _build_backend(family: str, d: Path, tj: dict | None, cfg: dict) -> Tokenizer:
-    """The `tokenizers` pipeline the matching transformers 5.x class builds."""
-    if family == "generic":
-        return Tokenizer.from_str(json.dumps(tj))
-    model = (tj or {}).get("model", {})
-    if family == "gpt2":
-        if tj is not None:
-            vocab = model["vocab"]
-            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-        else:
-            vocab, merges = BPE.read_file(str(d / "vocab.json"), str(d / "merges.txt"))
-        tk = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                           end_of_word_suffix="", fuse_unk=False))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space", False)))
-        tk.decoder = decoders.ByteLevel()
-    elif family == "t5":
-        tk = Tokenizer(Unigram([tuple(v) for v in model["vocab"]], unk_id=2, byte_fallback=False))
-        charsmap = _precompiled_charsmap(tj.get("normalizer"))
-        if charsmap is not None:
-            tk.normalizer = normalizers.Precompiled(charsmap)
-        ms = dict(replacement="▁", prepend_scheme="always", split=True)
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**ms)])
-        tk.decoder = decoders.Metaspace(**ms)
-    elif family == "bert":
-        if tj is not None:
-            vocab = model["vocab"]
-        else:
-            with open(d / "vocab.txt", encoding="utf-8") as f:
-                vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-        tk = Tokenizer(WordPiece(vocab, unk_token=str(_as_token(cfg.get("unk_token", "[UNK]")))))
-        tk.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
-            strip_accents=cfg.get("strip_accents"), lowercase=cfg.get("do_lower_case", True))
-        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tk.decoder = decoders.WordPiece(prefix="##")
-    else:
-        raise ValueError(f"unknown tokenizer family {family!r}")
-    if tj is not None:
-        # Keep the saved post-processor (it holds the BOS rule) and padding/truncation settings.
-        shell = Tokenizer.from_str(json.dumps({**tj, "model": _empty_model(model), "added_tokens": []})) \
-            if model.get("type") in ("BPE", "WordPiece", "WordLevel") else Tokenizer.from_str(json.dumps(tj))
-        if shell.post_processor is not None:
-            tk.post_processor = shell.post_processor
-        if shell.truncation is not None:
-            tk.enable_truncation(**shell.truncation)
-        if shell.padding is not None:
-            tk.enable_padding(**shell.padding)
-    return tk
-
-
-def _empty_model(model: dict) -> dict:
-    m = dict(model, vocab={})
-    if m.get("type") == "BPE":
-        m["merges"] = []
-    return m
-
-
-def _precompiled_charsmap(norm: dict | None) -> bytes | None:
-    import base64
-
-    if not norm:
-        return None
-    items = norm["normalizers"] if norm.get("type") == "Sequence" else [norm]
-    for n in items:
-        if n.get("type") == "Precompiled" and n.get("precompiled_charsmap"):
-            return base64.b64decode(n["precompiled_charsmap"])
-    return None
 
 
 def clean_up_tokenization(text: str) -> str:

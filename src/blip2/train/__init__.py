@@ -1,6 +1,14 @@
-"""Training: stage 1 (Q-Former), stage 2 (generative) and caption fine-tuning."""
+"""Training: stage 1 (Q-Former), stage 2 (generative) and caption fine-tuning.
 
-from .trainer import (  # noqa: F401
-    DataError, Dataset, Example, TrainConfig, TrainResult, latest_checkpoint, lm_batch, load_data, lr_factor,
-    read_folder, read_jsonl, stage1_batch, train,
-)
+data.py (examples and their readers), batches.py (images, the frozen encoder's cached output, each
+stage's text), trainer.py (config, optimizer, schedule, one step, the loop), state.py (checkpoints
+and exact resume)."""
+
+from .batches import image_embeds, lm_batch, stage1_batch
+from .data import DataError, Dataset, Example, load_data, read_folder, read_jsonl
+from .state import latest_checkpoint
+from .trainer import DataOrder, TrainConfig, TrainResult, cosine_schedule, lr_factor, optimizer_step, train
+
+__all__ = ["DataError", "DataOrder", "Dataset", "Example", "TrainConfig", "TrainResult", "cosine_schedule",
+           "image_embeds", "latest_checkpoint", "lm_batch", "load_data", "lr_factor", "optimizer_step",
+           "read_folder", "read_jsonl", "stage1_batch", "train"]

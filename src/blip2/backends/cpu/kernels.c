@@ -1,11 +1,11 @@
-// CPU matrix-vector kernels for decode steps (AVX-512F), built on first use by kernels.py.
+// CPU matrix-vector kernels for decode steps (AVX-512F), built on first use by build.py, called through kernels.py.
 //
 // A decode step reads every weight once, so its speed is the rate at which weights stream from
 // memory. Row-major weights read one row at a time keep only a few streams in flight per core;
 // storing them in small row blocks makes each thread's reads one sequential stream, which the
 // hardware prefetcher (helped by explicit prefetches) follows at close to the memory's rate.
 //
-// Layouts (produced by kernels.py with a reshape/transpose, so they are dtype-agnostic there):
+// Layouts (layout.py makes them with a reshape/transpose, so they are dtype-agnostic there):
 //   int8 (N, K): blocks of 8 rows; a block holds K/64 chunks, each 8 rows x 64 values in a row.
 //   bf16 (N, K): blocks of 4 rows; a block holds K/32 chunks, each 4 rows x 32 values in a row.
 // A chunk is 512 or 256 contiguous bytes; a block is 8K bytes in both (8 x K int8, 4 x K bf16).

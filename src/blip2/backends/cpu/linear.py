@@ -1,0 +1,202 @@
+"""The backend's linear layers: weights that may be held in the block layout, and nn.Linear's CPU
+fast paths.
+
+`Blocked` is the mixin of every layer whose weight kernels.c can stream (this module's `Linear`,
+quant.Int8Linear, quant.Int4Linear). A blocked layer keeps its tensors' shapes and dtypes, and the
+layout is invisible from outside: state_dict() writes row-major tensors, load_state_dict() takes
+them, and a layer that was moved or cast, or that is trained (grad through its weight), returns to
+row-major at its next forward. Products with few rows (decode steps) go through the kernels;
+with many (prefill, batches), one fp32 GEMM on the weight unblocked into a reused buffer.
+
+`Linear` is nn.Linear (same parameters, so the same checkpoint keys) with those paths, and two more
+for bf16 on CPUs that emulate bf16 (bf16.py): many rows as an fp32 GEMM, one row through torch.mv,
+whose bf16 kernel streams the weights faster than the GEMM path F.linear takes for a (1, K) input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .bf16 import emulated_bf16, fp32_weight, scratch_f32
+from .build import lib
+from .layout import BLOCK, fits
+
+UPCAST_MIN_ROWS = 16  # measured crossover on a 2-core AVX-512 VM: below it the bf16 kernel wins
+
+
+def blocked_linear(x: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """(x @ W^T) * scale + bias, computed in fp32, for a blocked w; scale and bias fp32 (for int4 w,
+    scale is its scales and zeros). Few rows go through the streaming kernels (the result in bf16 for
+    bf16 x, rounded once), many as one fp32 GEMM on the weight unblocked into the scratch buffer
+    (fp32). Callers cast."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    N = w.shape[0]
+    if x2.shape[0] < kernels.GEMV_MAX_ROWS:
+        y = kernels.blocked_mm(x2, w, scale, bias)
+    elif w.dtype == torch.uint8:  # int4: scale is its scales and zeros, applied while unblocking
+        y = F.linear(x2.float(), kernels.to_f32(w, scratch_f32(N * x2.shape[1]), scale))
+        if bias is not None:
+            y = y + bias
+    else:
+        y = F.linear(x2.float(), kernels.to_f32(w, scratch_f32(w.numel())))
+        if scale is not None:
+            y = y * scale
+        if bias is not None:
+            y = y + bias
+    return y.view(*x.shape[:-1], N)
+
+
+class Blocked:
+    """Mixin for a layer whose weight (the attribute named `weight_name`) may be held in the block
+    layout. `block` is (rows, columns) of the layout while blocked, else None."""
+
+    weight_name = "weight"
+    block: tuple[int, int] | None = None
+    # Keep a blocked copy of the (row-major) weight for products with few rows: for a weight that is
+    # shared and read row-major elsewhere (a head tied to the input embedding), where the kernels'
+    # faster streaming pays for the memory (OPT-2.7b's head: 257 MB, 2.9 ms a token).
+    keeps_blocked_copy = False
+    # Layers of one class that can share one kernel call when their weights lie back to back (see
+    # attention.fused_linear); int4 cannot (its blocked scales would need a concatenated copy).
+    fuses = True
+
+    def blocked_serves(self, x: Tensor) -> bool:
+        """Whether the blocked weight serves a product with x: kernels loaded, the weight still on
+        CPU in the dtype it was blocked in, and no gradient to carry (the kernels have no backward).
+        Where not, forward returns the layer to row-major for good: it was moved, cast, or is trained."""
+        w = getattr(self, self.weight_name)
+        return (lib() is not None and w.device.type == "cpu" and BLOCK.get(w.dtype) == self.block
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+    def blocked_copy_for(self, x: Tensor) -> Tensor | None:
+        """The blocked copy of the weight for a product with x, made on first use and again whenever
+        the weight changed (its version counter or memory); None where the kernels do not serve x."""
+        w = getattr(self, self.weight_name)
+        if not self.keeps_blocked_copy or self.block is not None or torch.compiler.is_compiling():
+            return None
+        if not fits(w) or lib() is None:  # moved, cast: the copy is of no more use
+            self.__dict__.pop("_copy", None)
+            return None
+        if x.numel() >= kernels.GEMV_MAX_ROWS * x.shape[-1] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return None
+        key = (w.data_ptr(), w._version, w.dtype)
+        c = self.__dict__.get("_copy")
+        if c is None or c[0] != key:
+            self.__dict__.pop("_extras", None)
+            c = self.__dict__["_copy"] = (key, kernels.blocked_copy(w.detach(), BLOCK[w.dtype]))
+        return c[1]
+
+    @torch.no_grad()
+    def to_blocks_(self) -> bool:
+        """Lay the weight out in blocks where it can be; returns whether it is blocked."""
+        w = getattr(self, self.weight_name)
+        if self.block is None and fits(w) and lib() is not None:
+            # in place: a weight mmapped from a checkpoint (copy-on-write) turns into private
+            # memory page by page, so resident memory does not hold it twice
+            kernels.reblock_in_place(w, BLOCK[w.dtype])
+            self.mark_blocked(BLOCK[w.dtype])
+        return self.block is not None
+
+    def mark_blocked(self, block: tuple[int, int]) -> None:
+        """The weight now holds the block layout (made by to_blocks_, or loaded so): lay out what is
+        read alongside it to match (see _companions_)."""
+        self.block = block
+        self._companions_(blocked=True)
+
+    def _companions_(self, blocked: bool) -> None:
+        """Re-lay, in place, tensors the kernels read alongside the weight (int4's scales); none here."""
+
+    @torch.no_grad()
+    def to_rows_(self) -> None:
+        """Back to the row-major layout (and drop what was kept for the kernels)."""
+        if self.block is not None:
+            w = getattr(self, self.weight_name)
+            w.copy_(kernels.row_major_copy(w, self.block))
+            self._companions_(blocked=False)
+            self.block = None
+        self.__dict__.pop("_extras", None)
+        self.__dict__.pop("_fused", None)
+
+    def fp32_extras(self) -> tuple[Tensor | None, Tensor | None]:
+        """(scale, bias) as the kernels take them, fp32 and contiguous, kept while blocked: converting
+        them on every decode step cost as much time as the rest of the call's Python."""
+        c = self.__dict__.get("_extras")
+        if c is None:
+            b = getattr(self, "bias", None)
+            c = (self._fp32_scale(), None if b is None else b.detach().float().contiguous())
+            if not torch.compiler.is_compiling():
+                self.__dict__["_extras"] = c
+        return c
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layer computes and returns in (for inputs of that dtype)."""
+        s = getattr(self, "scales", None)
+        return (s if s is not None else getattr(self, self.weight_name)).dtype
+
+    def _fp32_scale(self) -> Tensor | None:
+        s = getattr(self, "scales", None)
+        return None if s is None else s.detach().float().contiguous()
+
+    def row_major_weight(self) -> Tensor:
+        w = getattr(self, self.weight_name)
+        return w if self.block is None else kernels.row_major_copy(w.detach(), self.block)
+
+    def row_major(self) -> dict[str, Tensor]:
+        """The blocked tensors as state_dict has them (new tensors): the weight, and companions."""
+        return {self.weight_name: self.row_major_weight()}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.block is not None:
+            destination.update({prefix + k: t for k, t in self.row_major().items()})
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.to_rows_()  # the incoming tensor is row-major, and so is any key it leaves untouched
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class Linear(Blocked, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        if self.block is not None:
+            if self.blocked_serves(x):
+                return blocked_linear(x, self.weight, *self.fp32_extras()).to(x.dtype)
+            self.to_rows_()
+        elif self.keeps_blocked_copy and (w := self.blocked_copy_for(x)) is not None:
+            return blocked_linear(x, w, *self.fp32_extras()).to(x.dtype)
+        if emulated_bf16(x):
+            rows = x.numel() // x.shape[-1]
+            if rows == 1 and self.weight.dtype == torch.bfloat16:
+                # one row (a decode step): torch.mv's bf16 dot-product kernel streams the weights
+                # about 1.5x faster than the GEMM path F.linear takes for a (1, K) input
+                x1 = x.reshape(-1)
+                y = torch.mv(self.weight, x1) if self.bias is None else torch.addmv(self.bias, self.weight, x1)
+                return y.view(*x.shape[:-1], -1)
+            if rows >= UPCAST_MIN_ROWS:
+                b = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), fp32_weight(self.weight), b).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+def block_layers_(module: nn.Module) -> int:
+    """Lay out every blockable layer in `module` in blocks; returns how many are. Weights shared
+    with another module (a tied head) are left alone: the other user reads them row-major."""
+    if lib() is None:
+        return 0
+    uses: dict[int, int] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Blocked) and uses.get(id(getattr(m, m.weight_name)), 0) <= 1:
+            n += m.to_blocks_()
+    return n
+
+
+def unblock_layers_(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, Blocked):
+            m.to_rows_()
