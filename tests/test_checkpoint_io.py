@@ -119,6 +119,7 @@ def _child(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_hub_id_downloads_from_the_endpoint_then_loads_offline_from_the_cache(tmp_path):
     torch.manual_seed(0)
     cfg = hf_tiny.blip2_config().vision_config

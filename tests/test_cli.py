@@ -21,6 +21,8 @@ from blip2 import (
 from blip2.processing.image import load_image
 from blip2.processing.tokenization import Blip2Tokenizer
 
+pytestmark = pytest.mark.slow  # every test runs the installed command in a subprocess
+
 EXE = str(Path(sys.executable).with_name("blip2"))
 PX, Q = 32, 4
 WORDS = sorted(set("a an the photo of question answer what is color shape , ? : how many".split()

@@ -13,6 +13,8 @@ from hf_tiny import blip2_config, save_hf
 
 from blip2.models.blip2 import Blip2ForConditionalGeneration
 
+pytestmark = pytest.mark.slow  # torch.compile
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):

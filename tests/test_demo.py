@@ -50,6 +50,7 @@ TARGETS = {  # issue #4: captions naming every object right, VQA on colour/shape
 }
 
 
+@pytest.mark.slow
 def test_quality_reaches_targets(quality):
     """The shipped checkpoints reach the quality targets on the 200 held-out scenes, and the
     figures written at build time (quoted in the README) are what the shipped files give."""
@@ -120,6 +121,7 @@ def test_retrieval_checkpoint_in_transformers():
             torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_quick_build_runs_end_to_end(tmp_path):
     """The reproduce command's pipeline on a few steps of each phase: it writes loadable
     checkpoints in the shipped layout (quality is the shipped model's test above)."""

@@ -301,6 +301,7 @@ def test_convert_gives_a_built_model_what_from_pretrained_gives(ckpt):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_compiled_decoding_with_packed_weights(ckpt):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -319,6 +320,7 @@ def _fresh_python(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_fallback_without_kernels(tmp_path):
     # asked not to: nothing is blocked, no warning
     code = ("import warnings, torch; warnings.simplefilter('error'); from blip2.backends.cpu import build, linear\n"
