@@ -8,7 +8,7 @@ text config's class is picked by its `model_type`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..checkpoint.configuration import CONFIG_NAME, PretrainedConfig  # noqa: F401
 
@@ -136,8 +136,19 @@ class T5Config(PretrainedConfig):
         self.is_gated_act = act[0] == "gated"
 
 
-TEXT_CONFIGS: dict[str, type[PretrainedConfig]] = {"opt": OPTConfig, "t5": T5Config}
-DECODER_ONLY = {"opt"}
+class LanguageModelFamily(NamedTuple):
+    config: type[PretrainedConfig]
+    module: str  # where the model class lives, imported when one is built (models/lm.py)
+    model: str
+    decoder_only: bool
+
+
+# text_config.model_type -> its family. A new language model is a config class above, a model file
+# and a line here.
+LANGUAGE_MODELS: dict[str, LanguageModelFamily] = {
+    "opt": LanguageModelFamily(OPTConfig, "blip2.models.opt", "OPTForCausalLM", decoder_only=True),
+    "t5": LanguageModelFamily(T5Config, "blip2.models.t5", "T5ForConditionalGeneration", decoder_only=False),
+}
 
 
 def _sub(cls: type[PretrainedConfig], v) -> PretrainedConfig:
@@ -164,18 +175,19 @@ class Blip2Config(PretrainedConfig):
         object.__setattr__(self, "qformer_config", _sub(Blip2QFormerConfig, qformer_config))
         if isinstance(text_config, dict):
             mt = text_config.get("model_type", "opt")
-            if mt not in TEXT_CONFIGS:
+            if mt not in LANGUAGE_MODELS:
                 raise ValueError(
-                    f"text_config.model_type {mt!r} is not supported; blip2 has language models for {sorted(TEXT_CONFIGS)}"
+                    f"text_config.model_type {mt!r} is not supported; blip2 has language models for {sorted(LANGUAGE_MODELS)}"
                 )
-            text_config = TEXT_CONFIGS[mt](**text_config)
+            text_config = LANGUAGE_MODELS[mt].config(**text_config)
         object.__setattr__(self, "text_config", _sub(OPTConfig, text_config))
         super().__init__(**kwargs)
 
     def __post_init__(self):
         # The Q-Former cross-attends to the ViT output, so its width follows the ViT's.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
-        self.use_decoder_only_language_model = self.text_config.model_type in DECODER_ONLY
+        family = LANGUAGE_MODELS.get(self.text_config.model_type)
+        self.use_decoder_only_language_model = family is not None and family.decoder_only
         # Derived from the language model; written only when True, like the reference.
         self.__dict__.pop("is_encoder_decoder", None)
         if self.text_config.is_encoder_decoder:

@@ -1,7 +1,7 @@
 """What BLIP-2 asks of its language model, and the preallocated KV cache that decoding writes into.
 
 A language model (opt.py, t5.py; a Llama-family decoder would be one more file and one more line
-in LANGUAGE_MODELS) offers:
+in config.py's LANGUAGE_MODELS) offers:
 
     get_input_embeddings() / get_output_embeddings()
     forward(input_ids=, attention_mask=, inputs_embeds=, labels=, ...)   # uncached, full recompute
@@ -12,7 +12,8 @@ in LANGUAGE_MODELS) offers:
 and its class sets `decodes_tokens = True` (each decoding step reads all of its weights, which tells
 a runtime where its memory traffic is); its attention layers call a ScaledDotProduct module.
 
-An LMSession owns one KVCache per attention layer, sized once for the whole call:
+LMSession, the base of its sessions, implements generation's DecodingSession protocol; it owns
+one KVCache per attention layer, sized once for the whole call:
 
     logits = s.prefill()          # (B, V): next-token logits after the prompt (T5: after the start token)
     logits = s.step(tokens)       # tokens (B,): append one token per row, (B, V) logits for the next
@@ -33,19 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# model_type -> (module, class). Adding a decoder family is adding a line here.
-LANGUAGE_MODELS: dict[str, tuple[str, str]] = {
-    "opt": ("blip2.models.opt", "OPTForCausalLM"),
-    "t5": ("blip2.models.t5", "T5ForConditionalGeneration"),
-}
+from .config import LANGUAGE_MODELS
 
 
 def build_language_model(config) -> nn.Module:
-    mt = getattr(config, "model_type", None)
-    if mt not in LANGUAGE_MODELS:
-        raise ValueError(f"no language model for model_type {mt!r}; supported: {sorted(LANGUAGE_MODELS)}")
-    mod, cls = LANGUAGE_MODELS[mt]
-    return getattr(importlib.import_module(mod), cls)(config)
+    family = LANGUAGE_MODELS.get(getattr(config, "model_type", None))
+    if family is None:
+        raise ValueError(f"no language model for model_type {config.model_type!r}; supported: {sorted(LANGUAGE_MODELS)}")
+    # imported here: opt.py and t5.py import this module for the KV cache and the session
+    return getattr(importlib.import_module(family.module), family.model)(config)
 
 
 # --- attention ---

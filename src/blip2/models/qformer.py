@@ -159,8 +159,13 @@ class Blip2TextEmbeddings(nn.Module):
             return query_embeds
         w = self.word_embeddings.weight
         input_ids = input_ids.to(w.device)
+        L, limit = input_ids.shape[1], self.position_embeddings.num_embeddings
+        if L > limit:  # else the position lookup fails deep inside with an IndexError
+            raise ValueError(f"text of {L} tokens is longer than the Q-Former's {limit} positions "
+                             "(qformer_config.max_position_embeddings); shorten it, or tokenize with "
+                             "truncation=True and a max_length that fits")
         if position_ids is None:  # text positions count from 0, whatever queries come before
-            position_ids = torch.arange(input_ids.shape[1], device=w.device)[None]
+            position_ids = torch.arange(L, device=w.device)[None]
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (B, L, C)
         if query_embeds is not None:
             # the queries may be kept in fp32; they join the text in the embeddings' dtype
@@ -254,16 +259,3 @@ class Blip2QFormerModel(PreTrainedModel):
             cross_attentions=tuple(xatts) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()
-
-
-def query_image(qformer: Blip2QFormerModel, query_tokens: torch.Tensor, image_embeds: torch.Tensor, **kw):
-    """The learned queries (1, Q, Cq) read the ViT output (B, T, Cv) through cross-attention:
-    the Q-Former output over the queries alone (every image token visible)."""
-    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    return qformer(
-        query_embeds=query_tokens.expand(image_embeds.shape[0], -1, -1),
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=mask,
-        return_dict=True,
-        **kw,
-    )
