@@ -46,8 +46,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], int
         raise HeaderError(f"cannot read {p}: {e.strerror or e}") from e
     try:
         meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HeaderError(f"{p}: the header is not valid JSON ({e}); the file is damaged") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
+        raise HeaderError(f"{p}: the header is not valid JSON ({str(e)[:200]}); the file is damaged") from e
     if not isinstance(meta, dict):
         raise HeaderError(f"{p}: the header is not a JSON object; the file is damaged")
     data = size - 8 - n

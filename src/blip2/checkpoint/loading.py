@@ -91,6 +91,8 @@ def load_weights(ctx: LoadContext) -> None:
     """Fill ctx.model (on meta) from ctx.reader."""
     model = ctx.model
     model.fit_to_checkpoint(ctx.reader.keys())
+    # Before the hooks convert anything: a weight that a hook quantizes as it reads must be a float too.
+    _check_dtype_classes(_prefix_map(model, ctx.reader.keys()), ctx.reader, model.state_dict(keep_vars=True))
     hooks = [h for h in (make(ctx) for make in _HOOKS) if h is not None]
     if ctx.options:
         raise TypeError(f"from_pretrained() got options that nothing here takes: {sorted(ctx.options)}")
@@ -121,13 +123,7 @@ def match_keys(model: nn.Module, reader: Reader, ours: dict[str, torch.Tensor], 
     """{our key: checkpoint key} for every tensor to load; raises CheckpointError naming what is
     missing, unexpected or of the wrong shape."""
     tied = model.tied_weights()
-    ckpt_keys = [k for k in reader.keys() if not _IGNORABLE.search(k)]
-    # A part model (e.g. Blip2VisionModel) reading a full BLIP-2 checkpoint takes its prefix.
-    pre = model.part_prefix
-    if pre and any(k.startswith(pre) for k in ckpt_keys):
-        mapping = {k[len(pre):]: k for k in ckpt_keys if k.startswith(pre)}
-    else:
-        mapping = {k: k for k in ckpt_keys}
+    mapping = _prefix_map(model, reader.keys())
 
     unexpected = []
     for ok in list(mapping):
@@ -161,7 +157,35 @@ def match_keys(model: nn.Module, reader: Reader, ours: dict[str, torch.Tensor], 
             + " | ".join(problems)
             + ". Check that the config.json and the weights belong together and to this class."
         )
+    _check_dtype_classes(mapping, reader, ours)
     return mapping
+
+
+def _prefix_map(model: nn.Module, keys) -> dict[str, str]:
+    """{our key: checkpoint key} for the checkpoint's keys, derivable buffers left out. A part model
+    (e.g. Blip2VisionModel) reading a full BLIP-2 checkpoint takes its prefix."""
+    ckpt_keys = [k for k in keys if not _IGNORABLE.search(k)]
+    pre = model.part_prefix
+    if pre and any(k.startswith(pre) for k in ckpt_keys):
+        return {k[len(pre):]: k for k in ckpt_keys if k.startswith(pre)}
+    return {k: k for k in ckpt_keys}
+
+
+def _check_dtype_classes(mapping: dict[str, str], reader: Reader, ours: dict[str, torch.Tensor]) -> None:
+    """A stored tensor must be of its parameter's class: float for float (any float: that is the
+    cast), integer for integer (quantized weights). Casting across would load garbage silently, so
+    a float weight stored as I32, or an int8 qweight stored as float, is refused, from the header
+    alone. Tensors a hook makes fresh (quantized while read) are checked as their float source."""
+    for ok, ck in mapping.items():
+        if ok not in ours or reader.is_fresh(ck):
+            continue
+        want_float, got_float = ours[ok].is_floating_point(), reader.is_float(ck)
+        if want_float != got_float:
+            got = reader.dtype(ck) if hasattr(reader, "dtype") else ("a float" if got_float else "a non-float")
+            raise CheckpointError(
+                f"{reader.where[ck]}: tensor {ck} is stored as {got}, but {ok} of the model is {ours[ok].dtype}; "
+                "a tensor cannot be cast across float and integer types. The file is damaged or not for this model"
+            )
 
 
 def _fmt_keys(keys, n=8) -> str:

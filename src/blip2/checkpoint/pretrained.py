@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -148,12 +149,11 @@ class PreTrainedModel(nn.Module):
         """
         if dtype is None:
             dtype = torch_dtype
-        for flag in ("load_in_8bit", "load_in_4bit", "quantization_config"):
-            if config_overrides.pop(flag, None):
-                raise NotImplementedError(
-                    f"{flag}: bitsandbytes quantization is not supported by blip2; load with "
-                    "dtype=torch.bfloat16 (or float16 on a GPU) instead"
-                )
+        bnb = _bitsandbytes_mode(config_overrides)
+        if bnb is not None:
+            if quantize is not None and quantize.partition("-")[0] != bnb:
+                raise ValueError(f"quantize={quantize!r} contradicts load_in_{bnb[3:]}bit=True; pass one of them")
+            quantize = quantize or bnb
         if device is None and device_map is not None:
             device = _device_from_map(device_map)
         d = resolve_dir(str(pretrained_model_name_or_path))
@@ -172,6 +172,15 @@ class PreTrainedModel(nn.Module):
 
         with torch.device("meta"):
             model = cls(config)
+        if bnb is not None:
+            if not any(getattr(m, "decodes_tokens", False) for m in model.modules()):
+                raise NotImplementedError(
+                    f"load_in_{bnb[3:]}bit: bitsandbytes quantization is not supported by blip2, and its own "
+                    f"{bnb} quantization applies to a language model, which {cls.__name__} has none of; "
+                    "load without it (dtype=torch.bfloat16 halves the memory)")
+            warnings.warn(f"load_in_{bnb[3:]}bit=True loads blip2's own {bnb} weight-only quantization of the "
+                          "language model (quantize=\"" + bnb + "\"); its numerics differ from bitsandbytes'",
+                          stacklevel=2)
         ctx = LoadContext(model, reader, d, dtype, device, {} if quantize is None else {"quantize": quantize})
         try:
             load_weights(ctx)
@@ -236,6 +245,22 @@ class PreTrainedModel(nn.Module):
 
 
 
+def _bitsandbytes_mode(options: dict) -> str | None:
+    """"int8" / "int4" for the transformers flags load_in_8bit / load_in_4bit (given directly or in
+    a quantization_config object or dict), popped from `options`; None when neither is set."""
+    flags = {f: bool(options.pop(f, False)) for f in ("load_in_8bit", "load_in_4bit")}
+    qc = options.pop("quantization_config", None)
+    if qc is not None:
+        for f in flags:
+            flags[f] |= bool(qc.get(f, False) if isinstance(qc, dict) else getattr(qc, f, False))
+        if not any(flags.values()):
+            raise NotImplementedError(f"quantization_config {qc!r}: blip2 supports only load_in_8bit / load_in_4bit "
+                                      "(its own int8 / int4), or quantize=\"int8\" / \"int4\"")
+    if all(flags.values()):
+        raise ValueError("load_in_8bit and load_in_4bit are both set; pass one of them")
+    return "int8" if flags["load_in_8bit"] else "int4" if flags["load_in_4bit"] else None
+
+
 def _device_from_map(device_map) -> torch.device | None:
     """One device for the whole model: "cpu", "cuda:0", 0, {"": 0} or "auto" (CUDA if present)."""
     if isinstance(device_map, dict):
@@ -245,9 +270,14 @@ def _device_from_map(device_map) -> torch.device | None:
         device_map = devs.pop()
     if device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device_map, int):
-        return torch.device("cuda", device_map)
-    return torch.device(device_map)
+    try:
+        dev = torch.device("cuda", device_map) if isinstance(device_map, int) else torch.device(device_map)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device_map={device_map!r} names no device; pass device=\"cpu\" or \"cuda\" instead") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} places the model on CUDA, but this machine has no CUDA device; "
+                         "drop device_map (or pass device=\"cpu\")")
+    return dev
 
 
 def _first_float_dtype(reader: Reader) -> torch.dtype:

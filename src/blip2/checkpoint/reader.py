@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,8 @@ def checkpoint_files(d: Path) -> tuple[list[Path], str]:
     """The weight files of a checkpoint directory, and their format ('safetensors' or 'pt')."""
     for index, fmt in ((SAFE_INDEX, "safetensors"), (PT_INDEX, "pt")):
         if (d / index).exists():
-            try:
-                wm = json.loads((d / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{d / index} is not a valid shard index ({e})") from e
-            files = [d / f for f in sorted(set(wm.values()))]
-            missing = [f.name for f in files if not f.exists()]
+            files = [_shard_path(d, d / index, f) for f in sorted(set(_weight_map(d / index).values()))]
+            missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{d / index} lists shards that are not in {d}: {missing}; re-download them")
             return files, fmt
@@ -72,6 +69,41 @@ def checkpoint_files(d: Path) -> tuple[list[Path], str]:
     raise CheckpointError(
         f"no weights in {d}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {PT_WEIGHTS} or {PT_INDEX}"
     )
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's {key: shard file name}, checked for shape (a damaged index is one line, not a traceback)."""
+    try:
+        wm = json.loads(index.read_bytes())["weight_map"]
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{index} is not a valid shard index: {_first_line(e)}") from e
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index: it has no \"weight_map\" object") from e
+    if not isinstance(wm, dict) or not all(isinstance(v, str) and v for v in wm.values()):
+        raise CheckpointError(f"{index} is not a valid shard index: \"weight_map\" must map keys to shard file names")
+    return wm
+
+
+def _shard_path(d: Path, index: Path, name: str) -> Path:
+    """d / name, refused unless it stays inside d: an index is data, and must not make us open
+    (or load weights from) files elsewhere. A link inside d may point into the Hugging Face cache's
+    blobs/ folder of the same repository, as every file of a downloaded snapshot does."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise CheckpointError(f"{index}: shard {name!r} is outside the checkpoint folder {d}; refusing to read it")
+    f = d / p
+    roots = [d.resolve()]
+    if d.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev>/ -> ../../blobs/<hash>
+        roots.append((d.parent.parent / "blobs").resolve())
+    real = f.resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{index}: shard {name!r} links to {real}, outside the checkpoint folder {d}; "
+                              "refusing to read it")
+    return f
 
 
 class Reader:
@@ -98,7 +130,8 @@ class Reader:
         except HeaderError as e:
             raise CheckpointError(f"{e}; re-download it") from e
         except Exception as e:
-            raise CheckpointError(f"cannot read {f}: {e}. The file is damaged or not safetensors; re-download it") from e
+            raise CheckpointError(f"cannot read {f}: {_first_line(e)}. The file is damaged or not safetensors; "
+                                  "re-download it") from e
         self._handles.append(h)
         for name, e in header.items():
             k = rename(name)
@@ -108,11 +141,15 @@ class Reader:
 
     def _add_bin(self, f: Path) -> None:
         try:
-            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            # torch.load maps only zip-format files; a legacy (pre-1.6) file is read whole, still
+            # through the weights-only unpickler, so it can hold nothing but tensors and containers
+            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:
-            raise CheckpointError(f"cannot read {f} as a weights-only PyTorch file: {e}") from e
-        if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            raise CheckpointError(f"cannot read {f} as a weights-only PyTorch file: {_first_line(e)}") from e
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in sd.items()):
+            raise CheckpointError(f"{f} holds no state dict of named tensors; it is not a model's weights")
         for name, t in sd.items():
             k = rename(name)
             self.where[k] = f

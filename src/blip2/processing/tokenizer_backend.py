@@ -41,8 +41,21 @@ def as_token(v: Any) -> Any:
 
 
 def _read_json(p: Path) -> dict:
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object from a tokenizer file; a damaged one is a one-line error naming it."""
+    try:
+        with open(p, encoding="utf-8") as f:
+            v = json.load(f)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+        raise ValueError(f"{p} is not valid JSON ({str(e)[:200]}); the tokenizer files are damaged") from e
+    if not isinstance(v, dict):
+        raise ValueError(f"{p} holds a JSON {type(v).__name__}, not an object; the tokenizer files are damaged")
+    return v
+
+
+def _damaged(p: Path, e: Exception) -> ValueError:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return ValueError(f"{p}: the tokenizers library cannot build a tokenizer from it ({type(e).__name__}: {why}); "
+                      "the file is damaged")
 
 
 def read_tokenizer_dir(d: Path, name_or_path: str, kwargs: dict) -> tuple[Tokenizer, str, dict[int, AddedToken], dict]:
@@ -98,15 +111,24 @@ def read_tokenizer_dir(d: Path, name_or_path: str, kwargs: dict) -> tuple[Tokeni
                 sp = tok in special
                 added[int(i)] = AddedToken(tok, rstrip=False, lstrip=False, normalized=not sp, special=sp)
         if tj is not None:
-            for t in tj.get("added_tokens", []):
-                t = dict(t)
-                added[int(t.pop("id"))] = added_token(t)
+            try:
+                for t in tj.get("added_tokens", []):
+                    t = dict(t)
+                    added[int(t.pop("id"))] = added_token(t)
+            except (KeyError, TypeError, ValueError) as e:
+                raise _damaged(tj_path, e) from e
     by_content = {t.content: t for t in added.values()}
     for k in SPECIAL_TOKEN_NAMES:
         if cfg.get(k) is not None and by_content:
             cfg[k] = by_content.get(str(as_token(cfg[k])), as_token(cfg[k]))
 
-    return build_backend(family, d, tj, cfg), family, added, cfg
+    try:
+        backend = build_backend(family, d, tj, cfg)
+    except Exception as e:  # tokenizers raises bare Exceptions for a file it cannot read
+        if tj is None:
+            raise
+        raise _damaged(tj_path, e) from e
+    return backend, family, added, cfg
 
 
 def build_backend(family: str, d: Path, tj: dict | None, cfg: dict) -> Tokenizer:
