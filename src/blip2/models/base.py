@@ -46,15 +46,6 @@ class Blip2PreTrainedModel(PreTrainedModel):
             # them like BERT weights, which gives a model built from a config distinct queries.
             nn.init.normal_(self.query_tokens, std=self.config.qformer_config.initializer_range)
 
-    def output_flags(self, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
-        """The call's output flags, each defaulting to the config's."""
-        c = self.config
-        return (
-            c.output_attentions if output_attentions is None else output_attentions,
-            c.output_hidden_states if output_hidden_states is None else output_hidden_states,
-            c.return_dict if return_dict is None else return_dict,
-        )
-
     def query_image(self, image_embeds: torch.Tensor, **kw):
         """The learned queries (1, Q, Cq) read the ViT output (B, 1+P, Cv) through cross-attention:
         the Q-Former output over the queries alone (every image token visible)."""

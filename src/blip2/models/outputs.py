@@ -157,3 +157,12 @@ class Blip2VisionModelOutput(ModelOutput):
     last_hidden_state: T = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
+
+
+def output_flags(config, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
+    """A call's (output_attentions, output_hidden_states, return_dict), each defaulting to the config's."""
+    return (
+        config.output_attentions if output_attentions is None else output_attentions,
+        config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+        config.return_dict if return_dict is None else return_dict,
+    )

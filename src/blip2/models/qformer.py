@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import Blip2QFormerConfig
 from .layers import Embedding, activation
-from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
+from .outputs import BaseModelOutputWithPoolingAndCrossAttentions, output_flags
 from ..checkpoint.pretrained import PreTrainedModel
 
 
@@ -224,9 +224,8 @@ class Blip2QFormerModel(PreTrainedModel):
         that layer's cross-attention weights right after it; cross_attentions: the latter alone.
         """
         cfg = self.config
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = cfg.return_dict if return_dict is None else return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            cfg, output_attentions, output_hidden_states, return_dict)
         query_length = query_embeds.shape[1] if query_length is None else query_length
 
         dt = self.layernorm.weight.dtype  # the Q-Former may be kept in fp32 inside a half model

@@ -15,7 +15,12 @@ from torch import nn
 
 from .base import Blip2PreTrainedModel
 from .config import Blip2Config
-from .outputs import Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput
+from .outputs import (
+    Blip2ImageTextMatchingModelOutput,
+    Blip2TextModelOutput,
+    Blip2VisionModelOutput,
+    output_flags,
+)
 
 
 class _Blip2Stage1(Blip2PreTrainedModel):
@@ -67,8 +72,8 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1):
         """ITM (use_image_text_matching_head=True): image i with text i -> logits_per_image (B, 2).
         ITC: every image with every text -> logits_per_image (N_img, N_txt) cosine similarities.
         output_attentions / output_hidden_states apply to the vision model, as in the reference."""
-        output_attentions, output_hidden_states, return_dict = self.output_flags(
-            output_attentions, output_hidden_states, return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
         )
         vision_out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -153,8 +158,8 @@ class Blip2TextModelWithProjection(_Blip2Stage1):
         return_dict: bool | None = None,
     ) -> Blip2TextModelOutput | tuple:
         """text_embeds: every token's projected, normalised embedding (B, L, E); index 0 is the ITC one."""
-        output_attentions, output_hidden_states, return_dict = self.output_flags(
-            output_attentions, output_hidden_states, return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
         )
         out = self.qformer(
             query_embeds=self.embeddings(input_ids=input_ids, position_ids=position_ids),
@@ -195,8 +200,8 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
         interpolate_pos_encoding: bool = False,
     ) -> Blip2VisionModelOutput | tuple:
         """image_embeds: the projected, normalised query outputs (B, Q, E); the rest is the ViT's."""
-        output_attentions, output_hidden_states, return_dict = self.output_flags(
-            output_attentions, output_hidden_states, return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
         )
         vision_out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import Blip2VisionConfig
 from .layers import activation
-from .outputs import BaseModelOutputWithPooling
+from .outputs import BaseModelOutputWithPooling, output_flags
 from ..checkpoint.pretrained import PreTrainedModel
 
 
@@ -151,9 +151,8 @@ class Blip2VisionModel(PreTrainedModel):
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         cfg = self.config
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = cfg.return_dict if return_dict is None else return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            cfg, output_attentions, output_hidden_states, return_dict)
 
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         hs, atts = [x], []
