@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..generation import GenerationConfig, decode, prepare_generation_config, special_tokens
+from ..generation.batching import common_prefix, layout, prompt_rows, split_answers
 from .base import Blip2PreTrainedModel
 from .config import Blip2Config
 from .layers import causal_lm_loss
@@ -268,43 +269,19 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         """
         if pixel_values.shape[0] != 1:
             raise ValueError(f"generate_many takes one image; got a batch of {pixel_values.shape[0]}")
-        rows = _unpad(prompts, attention_mask)
+        rows = prompt_rows(prompts, attention_mask)
         if not rows or not all(rows):
             raise ValueError("generate_many needs at least one prompt, and no empty ones")
         _, _, lm_inputs = self._image_to_lm(pixel_values, interpolate_pos_encoding)  # (1, Q, C)
-        dev, k, L = lm_inputs.device, len(rows), max(len(r) for r in rows)
         tc = self.config.text_config
-        pad = tc.pad_token_id if tc.pad_token_id is not None else 0
         dec_only = self.config.use_decoder_only_language_model
-        P = _common_prefix(rows) if dec_only else 0
-        ids = torch.full((k, L), pad, dtype=torch.long)
-        am = torch.zeros((k, L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            # OPT: [shared prefix | pads | the rest], so every row ends on its last token and the
-            # prefix sits at the same positions in every row. T5's encoder: right padding.
-            at = L - len(r) + P if dec_only else 0
-            ids[i, :P], am[i, :P] = torch.tensor(r[:P], dtype=torch.long), 1
-            ids[i, at : at + len(r) - P] = torch.tensor(r[P:], dtype=torch.long)
-            am[i, at : at + len(r) - P] = 1
-        ids, am = ids.to(dev), am.to(dev)
-        embeds = self._merge(ids, None, lm_inputs.expand(k, -1, -1))
+        P = common_prefix(rows) if dec_only else 0
+        ids, am = layout(rows, tc.pad_token_id if tc.pad_token_id is not None else 0, P, dec_only)
+        ids, am = ids.to(lm_inputs.device), am.to(lm_inputs.device)
+        embeds = self._merge(ids, None, lm_inputs.expand(len(rows), -1, -1))
         cfg, history = self._decode_config(embeds, ids, generation_config, generate_kwargs)
         out = self._run_decode(embeds, am, history, cfg, shared_prefix=P)
-        eos, _ = special_tokens(cfg)
-        eos_t = torch.tensor(eos, device=out.device) if eos else None
-        n = cfg.num_return_sequences or 1
-        T0 = history.shape[1]
-        res = []
-        for i, r in enumerate(rows):
-            new = out[i * n : (i + 1) * n, T0:]  # (n, new tokens)
-            end = new.shape[1]
-            if eos_t is not None and end:  # a lone call stops once all its rows have hit eos: drop the columns past that
-                hit = torch.isin(new, eos_t)
-                first = torch.where(hit.any(1), hit.int().argmax(1) + 1, end)
-                end = int(first.max())
-            head = torch.tensor(r, dtype=torch.long, device=out.device).expand(n, -1) if dec_only else out[i * n : (i + 1) * n, :T0]
-            res.append(torch.cat([head, new[:, :end]], 1))
-        return res
+        return split_answers(out, rows, history.shape[1], cfg.num_return_sequences or 1, special_tokens(cfg)[0], dec_only)
 
     def _decode_config(self, embeds, input_ids, generation_config, kwargs):
         """The effective GenerationConfig, and the token history the search starts from and the
@@ -332,7 +309,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLM):
         return cfg, history
 
     def _run_decode(self, embeds, attention_mask, history, cfg, shared_prefix: int = 0) -> torch.LongTensor:
-        """Prefill the language model once on `embeds` (B, T, C) and run the search (generation.py)."""
+        """Prefill the language model once on `embeds` (B, T, C) and run the search (generation/search.py)."""
         max_new = max(cfg.max_length - history.shape[1], 0)
         extra = {"shared_prefix": shared_prefix} if shared_prefix else {}
         session = self.language_model.start(embeds, attention_mask, max_new, **extra)
@@ -351,24 +328,3 @@ def _check_positions(prompt: int, new: int, config: Blip2Config) -> None:
             f"{new} exceeds the language model's max_position_embeddings ({limit}); shorten the prompt "
             f"(at most {limit - Q} text tokens in all) or ask for fewer new tokens"
         )
-
-
-def _unpad(prompts, attention_mask=None) -> list[list[int]]:
-    """Prompts as plain id lists: a list of sequences as given, or the rows of a (k, T) tensor
-    without the positions its attention mask marks as padding."""
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise ValueError(f"prompts as a tensor must be (k, T); got shape {tuple(prompts.shape)}")
-        m = attention_mask.bool() if attention_mask is not None else torch.ones_like(prompts, dtype=torch.bool)
-        return [row[keep].tolist() for row, keep in zip(prompts.cpu(), m.cpu())]
-    return [torch.as_tensor(p).flatten().tolist() for p in prompts]
-
-
-def _common_prefix(rows: list[list[int]]) -> int:
-    """Length of the longest prefix that all rows share, short of each row's last token (every row
-    must end on a token of its own, where its next-token logits are read)."""
-    n = min(len(r) for r in rows) - 1
-    for j in range(n):
-        if any(r[j] != rows[0][j] for r in rows[1:]):
-            return j
-    return n
