@@ -84,4 +84,4 @@ def fused_linear(x: Tensor, layers) -> Tensor | None:
         W = w0.new_empty(0).set_(w0.untyped_storage(), w0.storage_offset(), (sum(w.shape[0] for w in ws), K))
         scale, bias = (None if extras[0][i] is None else torch.cat([e[i] for e in extras]) for i in (0, 1))
         c = first.__dict__["_fused"] = (extras, ptrs, W, scale, bias)
-    return blocked_linear(x, c[2], c[3], c[4])
+    return blocked_linear(x, c[2], c[3], c[4]).to(x.dtype)  # fp32 out, as each layer rounds it
