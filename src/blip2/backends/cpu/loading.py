@@ -171,6 +171,7 @@ class BlockedLoad(LoadHook):
         return kernels.write_blocks(t, out, block) if out is not None else kernels.blocked_copy(t, block)
 
     def finish(self) -> None:
+        self.ctx.reader.close()  # its row buffer (the largest weight) is free before the heap is trimmed
         model = self.ctx.model
         for key, block in self.plan.blocks.items():
             model.get_submodule(key.rpartition(".")[0]).mark_blocked(block)
