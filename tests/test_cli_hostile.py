@@ -361,3 +361,13 @@ def test_closed_stdout_exits_quietly(tmp_path):
     err = p.communicate(timeout=60)[1].decode()
     assert p.returncode == 141 and "Traceback" not in err and "Exception ignored" not in err, err
     assert [r["path"] for r in _jsonl(tmp_path / "o.jsonl")] == [str(p) for p in paths[:2]]
+
+
+def test_bad_pixel_budget_setting_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    """A malformed $BLIP2_MAX_IMAGE_PIXELS is one line and exit 2, before any model or image is read."""
+    from blip2.apps.cli.main import main
+
+    monkeypatch.setenv("BLIP2_MAX_IMAGE_PIXELS", "abc")
+    assert main(["caption", "--model", str(tmp_path / "no-model"), str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "BLIP2_MAX_IMAGE_PIXELS" in err and len(err.strip().splitlines()) == 1

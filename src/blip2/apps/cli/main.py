@@ -24,6 +24,7 @@ from typing import Callable
 from ... import CheckpointError
 from ...checkpoint.configuration import ConfigError
 from ...checkpoint.header import HeaderError
+from ...processing.image_load import max_image_pixels
 from . import ask, caption, embed, info, match
 from .common import DEFAULT_ITM_MODEL, DEFAULT_LM_MODEL, UsageError, pick_device
 
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "device"):
             pick_device(args.device)  # a device that is not here fails before anything is read
+        try:
+            max_image_pixels()  # a malformed $BLIP2_MAX_IMAGE_PIXELS, before any image is read
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
