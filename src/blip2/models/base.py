@@ -12,12 +12,19 @@ path, as in the published files.
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..checkpoint.pretrained import PreTrainedModel
 from .config import Blip2Config
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .vision import Blip2VisionModel
+
+
+def itc_embedding(projection: nn.Linear, h: Tensor) -> Tensor:
+    """An ITC embedding: h (Q-Former states, which may be kept in fp32) in the projection's dtype,
+    projected and L2-normalised on the last dim."""
+    return F.normalize(projection(h.to(projection.weight.dtype)), dim=-1)
 
 
 class Blip2PreTrainedModel(PreTrainedModel):

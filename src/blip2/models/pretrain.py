@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import itc_embedding
 from .config import Blip2Config, Blip2QFormerConfig
 from .layers import activation, causal_lm_loss
 from .retrieval import Blip2ForImageTextRetrieval, _Blip2Stage1
@@ -219,8 +220,8 @@ class Blip2QFormerForPretraining(_Blip2Stage1):
         """-> image_feats (B, Q, E) and text_feat (B, E), both L2-normalised."""
         Q = self.query_tokens.shape[1]
         h = self._qformer(image_embeds, input_ids, itc_mask(attention_mask, Q))
-        image_feats = F.normalize(self.vision_projection(h[:, :Q]), dim=-1)
-        text_feat = F.normalize(self.text_projection(h[:, Q]), dim=-1)  # the text's [CLS]
+        image_feats = itc_embedding(self.vision_projection, h[:, :Q])
+        text_feat = itc_embedding(self.text_projection, h[:, Q])  # the text's [CLS]
         return image_feats, text_feat
 
     def itc_loss(self, image_embeds, input_ids, attention_mask, positives=None):

@@ -10,10 +10,9 @@ itm_head on the query outputs, averaged over the queries -> (B, 2) [no-match, ma
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Blip2PreTrainedModel
+from .base import Blip2PreTrainedModel, itc_embedding
 from .config import Blip2Config
 from .outputs import (
     Blip2ImageTextMatchingModelOutput,
@@ -103,7 +102,7 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1):
             text_embeds = text_out.last_hidden_state.to(self.itm_head.weight.dtype)  # (B, Q+L, C)
             logits_per_image = self.itm_head(text_embeds[:, :Q]).mean(dim=1)  # (B, 2)
         else:
-            q = self.query_image(image_embeds).last_hidden_state.to(self.vision_projection.weight.dtype)
+            q = self.query_image(image_embeds).last_hidden_state
             if strip:
                 attention_mask = attention_mask[:, Q:]
             text_out = self.qformer(
@@ -112,9 +111,8 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1):
                 attention_mask=attention_mask,
                 return_dict=True,
             )
-            t = text_out.last_hidden_state.to(self.text_projection.weight.dtype)
-            image_embeds = F.normalize(self.vision_projection(q), dim=-1)  # (B, Q, E)
-            text_embeds = F.normalize(self.text_projection(t[:, 0]), dim=-1)  # (N, E)
+            image_embeds = itc_embedding(self.vision_projection, q)  # (B, Q, E)
+            text_embeds = itc_embedding(self.text_projection, text_out.last_hidden_state[:, 0])  # (N, E)
             logits_per_image = (image_embeds @ text_embeds.t()).max(dim=1).values  # (B, N): best query
         logits_per_text = logits_per_image.t()
 
@@ -169,9 +167,8 @@ class Blip2TextModelWithProjection(_Blip2Stage1):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        h = out.last_hidden_state.to(self.text_projection.weight.dtype)
         res = Blip2TextModelOutput(
-            text_embeds=F.normalize(self.text_projection(h), dim=-1),
+            text_embeds=itc_embedding(self.text_projection, out.last_hidden_state),
             last_hidden_state=out.last_hidden_state,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
@@ -207,9 +204,8 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
                                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                        return_dict=True)
         q = self.query_image(vision_out.last_hidden_state).last_hidden_state
-        q = q.to(self.vision_projection.weight.dtype)
         res = Blip2VisionModelOutput(
-            image_embeds=F.normalize(self.vision_projection(q), dim=-1),
+            image_embeds=itc_embedding(self.vision_projection, q),
             last_hidden_state=vision_out.last_hidden_state,
             hidden_states=vision_out.hidden_states,
             attentions=vision_out.attentions,
