@@ -223,9 +223,8 @@ class Blip2QFormerModel(PreTrainedModel):
         attentions: as the reference returns them, the self-attention weights of each layer with
         that layer's cross-attention weights right after it; cross_attentions: the latter alone.
         """
-        cfg = self.config
         output_attentions, output_hidden_states, return_dict = output_flags(
-            cfg, output_attentions, output_hidden_states, return_dict)
+            self.config, output_attentions, output_hidden_states, return_dict)
         query_length = query_embeds.shape[1] if query_length is None else query_length
 
         dt = self.layernorm.weight.dtype  # the Q-Former may be kept in fp32 inside a half model

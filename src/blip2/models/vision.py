@@ -150,9 +150,8 @@ class Blip2VisionModel(PreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
-        cfg = self.config
         output_attentions, output_hidden_states, return_dict = output_flags(
-            cfg, output_attentions, output_hidden_states, return_dict)
+            self.config, output_attentions, output_hidden_states, return_dict)
 
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         hs, atts = [x], []
