@@ -16,6 +16,7 @@ early, e.g. by `| head -1`; what was written to --output before then stays, and 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -35,6 +36,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "embed": embed.run,
     "info": info.run,
 }
+
+# Commands that live in their own module with `add_parser(sub, at_least, in_range)` and `run(args)`.
+# Such a module imports its heavy dependencies (FastAPI, Ray, faiss) inside `run`, so building the
+# parser stays cheap and `blip2 caption` never imports a server.
+PLUGIN_COMMANDS: tuple[str, ...] = ()
 
 
 def at_least(lo: int) -> Callable[[str], int]:
@@ -135,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a checkpoint is: architecture, parts, parameters, dtype, files")
     p.add_argument("model_name", metavar="MODEL", help="local directory, hub id or 'demo'")
     p.add_argument("--json", action="store_true")
+
+    for name in PLUGIN_COMMANDS:
+        mod = importlib.import_module(f"{__package__}.{name}")
+        for command in mod.add_parser(sub, at_least, in_range):
+            COMMANDS[command] = mod.run
     return ap
 
 
