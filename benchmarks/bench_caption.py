@@ -297,6 +297,15 @@ def _measure(spec: dict, r: dict) -> None:
             generate(b, 2)
         r["compile_warmup_s"] = clock(dev) - t
 
+    r["stage"] = "vision tower"
+    vis = []
+    with torch.inference_mode():
+        for _ in range(max(3, spec["inner"])):
+            t = clock(dev)
+            model.vision_model(pixel_values=pixels(1))
+            vis.append(clock(dev) - t)
+    r["vision_s"] = statistics.median(vis)
+
     def timed(b: int, n: int = N):
         r["stage"] = f"batch-{b} generate ({n} tokens)"
         t = clock(dev)
@@ -341,6 +350,11 @@ def _measure(spec: dict, r: dict) -> None:
             r[f"ids_q{k}"] = ask(spec["questions"][:k])
             r[f"questions{k}_s"] = clock(dev) - t
             r[f"questions{k}_vs_bound"] = r[f"questions{k}_s"] / (r["caption_s"] * (1 + 0.3 * k))
+    if blip2_side and dev.type == "cpu":  # the paths the CPU backend took here, and why
+        from blip2.backends.cpu import runtime
+
+        rt = runtime.describe(measure=False)
+        r["runtime"] = dict(kernels=rt["kernels"], dispatch={d["op"]: d["choice"] for d in rt["dispatch"]})
     r["peak_rss_gib"] = rss_gib()  # only for complete runs: a failed run's peak is not comparable
     if dev.type == "cuda":
         r["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -380,7 +394,11 @@ def run_child(impl: str, args, ckpt: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # parent: build, alternate, summarise
 
-def machine_info() -> dict:
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+             "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "bf16", "i8mm")
+
+
+def machine_info(threads: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     cpu, flags = "", ""
@@ -414,8 +432,8 @@ def machine_info() -> dict:
         cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
         mem_gib=round(mem, 1) if mem else None, python=platform.python_version(), platform=platform.platform(),
         torch=ver("torch"), transformers=ver("transformers"), blip2=ver("blip2"), git_commit=commit,
-        # bf16 matmul speed on CPU hinges on these (without them oneDNN converts to fp32)
-        cpu_bf16_flags=sorted(f for f in flags.split() if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")),
+        # the paths' speed hinges on these (bf16 GEMMs on AMX / AVX512-BF16, the kernels' ISA)
+        cpu_flags=[f for f in CPU_FLAGS if f in flags.split()], threads=threads,
     )
 
 
@@ -443,10 +461,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="layers per tower (vision, Q-Former, OPT); widths stay")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     ap.add_argument("--reps", type=int, default=3, help="child processes per implementation (alternating)")
-    ap.add_argument("--batches", type=ints, default=[8, 16],
+    ap.add_argument("--batches", type=ints, default=None,
                     help="batch sizes of the throughput runs, comma separated (8 images are stored and repeated)")
     ap.add_argument("--batch", type=int, default=None, help="one throughput batch size (same as --batches N)")
-    ap.add_argument("--questions", dest="ks", type=ints, default=[1, 2, 4],
+    ap.add_argument("--questions", dest="ks", type=ints, default=None,
                     help="numbers of questions asked about one image, comma separated (at most 4)")
     ap.add_argument("--q-new-tokens", type=int, default=10, help="new tokens per answer")
     ap.add_argument("--inner", type=int, default=1,
@@ -464,6 +482,9 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="with --only: take the other implementation's runs from this earlier results JSON "
                          "(same checkpoint, dtype and machine) instead of re-running them")
+    ap.add_argument("--phases", action="store_true",
+                    help="the phase table only: vision, image+prefill+1 token, decode ms/token, batch 8 "
+                         "(sets --batches 8 --questions 1 unless given)")
     ap.add_argument("--build-only", action="store_true", help="build (or check) the checkpoint and stop")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
@@ -484,6 +505,10 @@ def main(argv=None) -> int:
         return 0
     if args.batch is not None:
         args.batches = [args.batch]
+    if args.batches is None:
+        args.batches = [8] if args.phases else [8, 16]
+    if args.ks is None:
+        args.ks = [1] if args.phases else [1, 2, 4]
     if args.baseline and not args.only:
         ap.error("--baseline needs --only (the implementation to run; the other comes from the file)")
     if min(args.batches) < 1 or not 1 <= min(args.ks) <= max(args.ks) <= len(QUESTIONS):
@@ -512,7 +537,7 @@ def main(argv=None) -> int:
 
     # 2. children, alternating so drift (thermal, other load) hits both alike
     impls = (args.only,) if args.only else IMPLS
-    machine = machine_info()
+    machine = machine_info(args.threads)
     print(f"{machine['cpu']} | {args.threads} threads | torch {machine['torch']} | "
           f"transformers {machine['transformers']} | dtype {args.dtype} | {args.new_tokens} new tokens | "
           f"batches {args.batches} | {args.ks} questions | {args.reps} reps"
@@ -560,6 +585,7 @@ def main(argv=None) -> int:
         ("RSS after load (GiB)", "rss_after_load_gib", "{:.2f}", False),
         ("peak GPU memory (GiB)", "peak_gpu_mem_gib", "{:.2f}", False),
         (f"s / caption (b1, {args.new_tokens} tok)", "caption_s", "{:.3f}", False),
+        ("vision tower (s, 1 image)", "vision_s", "{:.3f}", False),
         ("image+prefill+1 tok (s)", "prefill_s", "{:.3f}", False),
         ("decode (ms / token)", "decode_ms_per_token", "{:.3g}", False),
         ("LM bytes / token (MB)", "lm_mb_per_token", "{:.4g}", False),
@@ -570,6 +596,10 @@ def main(argv=None) -> int:
         *[(f"{k} question{'s' if k > 1 else ''} (s)", f"questions{k}_s", "{:.3f}", False) for k in args.ks],
         *[(f"  / (1 + 0.3*{k}) caption", f"questions{k}_vs_bound", "{:.2f}", False) for k in args.ks],
     ]
+    if args.phases:  # the phase table: each phase of a caption, and batch throughput
+        keep = {"vision_s", "prefill_s", "decode_ms_per_token", "caption_s", "read_gb_per_s",
+                "floor_ms_per_token", "decode_vs_floor", *(f"batch{b}_captions_per_s" for b in args.batches)}
+        rows = [row for row in rows if row[1] in keep]
     for rs in runs.values():
         for r in rs:
             if "lm_bytes_per_token" in r:

@@ -1,14 +1,19 @@
-"""The CPU backend's Linear: the fp32 path for bf16 inputs on CPUs without native bf16 gives the bf16 answer."""
+"""The CPU backend's Linear: every bf16 path dispatch can choose (fp32 GEMM or bf16 for many rows,
+torch.mv or F.linear for one) gives the bf16 answer."""
 
 import pytest
 import torch
 
-import blip2.backends.cpu.bf16 as bf16
-from blip2.backends.cpu.linear import UPCAST_MIN_ROWS, Linear
+from blip2.backends.cpu import dispatch
+from blip2.backends.cpu.bf16 import MANY_ROWS
+from blip2.backends.cpu.linear import Linear
+
+FP32 = {"bf16.many": "fp32", "bf16.one": "mv"}  # the paths a CPU that emulates bf16 takes
+BF16 = {"bf16.many": "bf16", "bf16.one": "linear"}  # those of a CPU with fast bf16 GEMMs
 
 
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 300])
-def test_upcast_path_matches_bf16_linear(rows, monkeypatch):
+def test_upcast_path_matches_bf16_linear(rows):
     g = torch.Generator().manual_seed(0)
     lin = Linear(96, 80).to(torch.bfloat16)
     with torch.no_grad():
@@ -17,27 +22,26 @@ def test_upcast_path_matches_bf16_linear(rows, monkeypatch):
     x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
     exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
 
-    monkeypatch.setattr(bf16, "cpu_has_native_bf16", lambda: False)
-    slow_cpu = lin(x)
-    monkeypatch.setattr(bf16, "cpu_has_native_bf16", lambda: True)
-    native = lin(x)
+    with dispatch.force(**FP32):
+        slow_cpu = lin(x)
+    with dispatch.force(**BF16):
+        native = lin(x)
     assert slow_cpu.dtype == native.dtype == torch.bfloat16
     # both are the exact result rounded to bf16 (at most one ulp apart from each other)
     for y in (slow_cpu, native):
         assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()
-    if 1 < rows < UPCAST_MIN_ROWS:
-        assert torch.equal(slow_cpu, native)  # few rows: the bf16 kernel runs either way
-    monkeypatch.setattr(bf16, "cpu_has_native_bf16", lambda: False)
-    with torch.no_grad():  # inference: the fp32 weights go into a reused scratch buffer
+    if 1 < rows < MANY_ROWS:
+        assert torch.equal(slow_cpu, native)  # few rows: F.linear in bf16 either way
+    with dispatch.force(**FP32), torch.no_grad():  # inference: the fp32 weights go into a reused scratch buffer
         assert torch.equal(lin(x), slow_cpu)
         assert torch.equal(lin(x[None]), slow_cpu[None])  # (B, T, K) inputs: the same rows
     slow_cpu.float().sum().backward()  # with grad: a fresh fp32 copy, differentiable
     assert lin.weight.grad is not None and lin.weight.grad.shape == lin.weight.shape
 
 
-def test_scratch_buffer_is_not_aliased_between_layers(monkeypatch):
+@dispatch.force(**FP32)
+def test_scratch_buffer_is_not_aliased_between_layers():
     """Two layers in a row share the scratch buffer: the second must not see the first's weights."""
-    monkeypatch.setattr(bf16, "cpu_has_native_bf16", lambda: False)
     g = torch.Generator().manual_seed(1)
     a, b = Linear(32, 48).to(torch.bfloat16), Linear(48, 32).to(torch.bfloat16)
     x = torch.randn(40, 32, generator=g).to(torch.bfloat16)

@@ -88,12 +88,16 @@ def test_kernel_matches_dequantize_fallback(mode, g, tol, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [Q.INT8_UPCAST_MIN_ROWS - 1, Q.INT8_UPCAST_MIN_ROWS, 200])
-def test_int8_many_rows_fp32_path(rows, monkeypatch):
+def test_int8_many_rows_fp32_path(rows):
     """bf16 inputs with many rows on a CPU without native bf16 run as an fp32 product of the int8
     values (exact in fp32) scaled in fp32: the dequantized layer's exact output, rounded once."""
-    import blip2.backends.cpu.bf16 as bf16
+    from blip2.backends.cpu import dispatch
 
-    monkeypatch.setattr(bf16, "cpu_has_native_bf16", lambda: False)
+    with dispatch.force(**{"bf16.many": "fp32"}):
+        _int8_many_rows(rows)
+
+
+def _int8_many_rows(rows):
     lin = make_linear(dtype=torch.bfloat16)
     q = Int8Linear.from_linear(lin)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)

@@ -16,7 +16,7 @@ from ... import (
 from ...checkpoint.configuration import CONFIG_NAME
 from ...checkpoint.header import read_header
 from ...models.pretrain import Blip2QFormerForPretraining
-from .common import model_dir, unusable
+from .common import UsageError, model_dir, unusable
 
 CLASSES = {c.__name__: c for c in (
     Blip2ForConditionalGeneration, Blip2Model, Blip2ForImageTextRetrieval, Blip2TextModelWithProjection,
@@ -86,7 +86,28 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def print_runtime(rt: dict) -> None:
+    print(f"CPU              {rt['cpu']} ({rt['machine']}, {rt['cores']} cores, torch threads {rt['threads']})")
+    print(f"features         {' '.join(rt['flags']) or 'none of note'}")
+    print(f"torch            {rt['torch']}")
+    print(f"C kernels        {rt['kernels']}")
+    print(f"dispatch         (measured here, cached in {rt['dispatch_cache']})")
+    for r in rt["dispatch"]:
+        times = ", ".join(f"{k} {v:g} ms" for k, v in r["ms"].items())
+        why = r["why"] if r["why"] != "measured" else times or "not measured"
+        print(f"  {r['op']:<17} {str(r['choice']):<8} {why}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.runtime or args.recalibrate:
+        from ...backends.cpu import runtime
+
+        rt = runtime.describe(recalibrate=args.recalibrate)
+        print(json.dumps(rt, indent=2)) if args.json else print_runtime(rt)
+        if args.model_name is None:
+            return 0
+    if args.model_name is None:
+        raise UsageError("info needs a MODEL, or --runtime")
     d = model_dir(args.model_name)
     try:
         info = describe(d)

@@ -138,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True,
                    help="FILE.npy (+ FILE.json of ids; FILE.image.npy / FILE.text.npy when both) or FILE.parquet")
 
-    p = sub.add_parser("info", help="what a checkpoint is: architecture, parts, parameters, dtype, files")
-    p.add_argument("model_name", metavar="MODEL", help="local directory, hub id or 'demo'")
+    p = sub.add_parser("info", help="what a checkpoint is (architecture, parts, parameters, dtype, files); "
+                       "with --runtime, what the CPU backend does on this machine")
+    p.add_argument("model_name", metavar="MODEL", nargs="?", help="local directory, hub id or 'demo'")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--runtime", action="store_true",
+                   help="print the CPU, its features, the C kernels' build and the path each kind of product "
+                        "takes here, with the timings that chose it (measured once per machine, then cached)")
+    p.add_argument("--recalibrate", action="store_true", help="measure the paths again (implies --runtime)")
 
     for name in PLUGIN_COMMANDS:
         mod = importlib.import_module(f"{__package__}.{name}")

@@ -1,9 +1,10 @@
 """The backend's attention: a decode step's attention in C, and OPT's q/k/v in one kernel call.
 
-`CpuScaledDotProduct` takes the place of the models' ScaledDotProduct modules. For bf16 on a CPU
-that emulates bf16 (bf16.py), a decode step (one query per row, no dropout) reads the bf16 KV cache
-straight in kernels.attend_one; other calls run SDPA in fp32 on the (small) q/k/v, twice as fast
-as emulated bf16 (a decode step over 53 cached positions: 145 us -> 63 us per layer).
+`CpuScaledDotProduct` takes the place of the models' ScaledDotProduct modules. For bf16, a decode
+step (one query per row, no dropout) reads the bf16 KV cache straight in kernels.attend_one (on a
+CPU that emulates bf16, a step over 53 cached positions took 145 us per layer in SDPA, 63 us here);
+other calls run SDPA in bf16 or on fp32 copies of the (small) q/k/v, whichever dispatch measured
+faster on this CPU (`sdpa.bf16`: fp32 where bf16 is emulated, bf16 where AMX runs it).
 
 `FusedOPTAttention` takes the place of OPTAttention. Its q/k/v layers are listed in
 `fused_groups`, which from_pretrained reads to load their blocked weights back to back in one
@@ -18,9 +19,32 @@ from torch import Tensor
 
 from ...models.lm import ScaledDotProduct
 from ...models.opt import OPTAttention
-from . import kernels
-from .bf16 import emulated_bf16
-from .linear import Blocked, blocked_linear
+from . import dispatch, kernels
+from .linear import Blocked, blocked_linear, kernel_rows
+
+
+def _measure_sdpa() -> tuple[str, dict[str, float]]:
+    """The vision tower's attention: 16 heads of 88 over 257 positions (ViT-g's shape)."""
+    q, k, v = (dispatch.synthetic(1, 16, 257, 88, seed=i) for i in range(3))
+    times = dispatch.measure({"bf16": lambda: F.scaled_dot_product_attention(q, k, v),
+                              "fp32": lambda: F.scaled_dot_product_attention(
+                                  q.float(), k.float(), v.float()).to(torch.bfloat16)})
+    return dispatch.pick(times, "bf16"), times
+
+
+def _measure_sdpa_one() -> tuple[str, dict[str, float]]:
+    """A decode step's attention: 32 heads of 80 (OPT-2.7b), one query over 96 cached positions."""
+    q = dispatch.synthetic(1, 32, 1, 80)
+    k, v = (dispatch.synthetic(1, 32, 96, 80, seed=i) for i in (1, 2))
+    cands = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    if kernels.lib() is not None:
+        cands["kernel"] = lambda: kernels.attend_one(q, k, v, None, 80 ** -0.5)
+    times = dispatch.measure(cands)
+    return dispatch.pick(times, "sdpa"), times
+
+
+dispatch.register("sdpa.bf16", "bf16", _measure_sdpa)
+dispatch.register("sdpa.one", "sdpa", _measure_sdpa_one)
 
 
 class CpuScaledDotProduct(ScaledDotProduct):
@@ -28,13 +52,16 @@ class CpuScaledDotProduct(ScaledDotProduct):
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, is_causal: bool = False,
         scale: float | None = None, dropout_p: float = 0.0, need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if need_weights or not emulated_bf16(q):
+        if need_weights or q.dtype != torch.bfloat16 or q.device.type != "cpu":
             return super().forward(q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                                    need_weights=need_weights)
-        if not is_causal and dropout_p == 0.0:  # a decode step: the C kernel reads the bf16 cache
+        if (not is_causal and dropout_p == 0.0 and q.shape[-2] == 1  # a decode step: C reads the bf16 cache
+                and dispatch.choice("sdpa.one") == "kernel"):
             y = kernels.attend_one(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
             if y is not None:
                 return y, None
+        if dispatch.choice("sdpa.bf16") != "fp32":
+            return super().forward(q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p)
         m = mask if mask is None or mask.dtype == torch.bool else mask.float()
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, dropout_p=dropout_p,
                                            is_causal=is_causal, scale=scale)
@@ -64,7 +91,7 @@ def fused_linear(x: Tensor, layers) -> Tensor | None:
     so), x has few rows and is in the layers' compute dtype: then the result is bitwise that of the
     layers (each output is the same sum, rounded once). One call instead of three saves the per-call
     cost and the kernel's ramp-up at each start: about 1.5 ms a token for OPT-2.7b's q/k/v in int8."""
-    if (torch.compiler.is_compiling() or x.numel() >= kernels.GEMV_MAX_ROWS * x.shape[-1]
+    if (torch.compiler.is_compiling() or x.numel() >= kernel_rows() * x.shape[-1]
             or not all(isinstance(lay, Blocked) and lay.block is not None and lay.blocked_serves(x) for lay in layers)):
         return None
     first = layers[0]

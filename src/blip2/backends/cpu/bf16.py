@@ -1,54 +1,54 @@
-"""CPUs that only emulate bf16 matrix products, and the fp32 scratch buffer the faster paths use.
+"""bf16 products with many rows, and the scratch buffers the faster paths use.
 
-On CPUs without native bf16 matrix instructions (no AVX512_BF16 / AMX), oneDNN emulates bf16 GEMMs
-at a fraction of fp32 speed (measured here: a 257x1408 @ 1408x6144 product takes 73 ms in bf16 and
-16 ms in fp32). The backend's layers then compute products with many rows in fp32 from the bf16
-weights: products of two bf16 numbers are exact in fp32 and both paths accumulate in fp32, so only
-the summation order differs.
+Whether bf16 matrix products run faster in bf16 or in fp32 depends on the CPU, and its flags do not
+tell (dispatch.py): oneDNN's bf16 GEMM is several times fp32's speed with AMX, but where bf16 is
+emulated it is a fraction of it (a 257x1408 @ 1408x6144 product: 73 ms in bf16, 16 ms in fp32 on
+an AVX-512 VM without bf16 instructions), and on a VM that reports AVX512_BF16 but hides AMX it was
+still 1.6x slower. So `bf16.many` is measured: where fp32 wins, the backend's layers compute
+products with many rows in fp32 from the bf16 weights. Products of two bf16 numbers are exact in
+fp32 and both paths accumulate in fp32, so only the summation order differs.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
+import torch.nn.functional as F
 
-_native_bf16: bool | None = None
+from . import dispatch
 
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (read once; BLIP2_CPU_NATIVE_BF16=0/1 overrides).
-    A plain module global rather than functools.cache, which torch.compile would trace through."""
-    global _native_bf16
-    if _native_bf16 is None:
-        env = os.environ.get("BLIP2_CPU_NATIVE_BF16")
-        if env is not None:
-            _native_bf16 = env not in ("0", "false", "False")
-        else:
-            try:
-                with open("/proc/cpuinfo") as f:
-                    flags = f.read()
-                _native_bf16 = any(x in flags for x in ("avx512_bf16", "amx_bf16"))
-            except OSError:
-                _native_bf16 = True  # not Linux: trust the library's kernels
-    return _native_bf16
+MANY_ROWS = 16  # from this many rows a bf16 product counts as `bf16.many` (measured crossover, 2-core AVX-512 VM)
 
 
-def emulated_bf16(x: torch.Tensor) -> bool:
-    """x is bf16 on a CPU that only emulates bf16 matrix products (where the fp32 paths apply)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16()
+def _measure_many() -> tuple[str, dict[str, float]]:
+    """Prefill / vision: 128 rows (a ViT-g image is 257) against a 2048x2048 weight."""
+    w, x = dispatch.synthetic(2048, 2048, scale=0.02), dispatch.synthetic(128, 2048, seed=1)
+    times = dispatch.measure({"bf16": lambda: F.linear(x, w),
+                              "fp32": lambda: F.linear(x.float(), fp32_weight(w)).to(torch.bfloat16)})
+    return dispatch.pick(times, "bf16"), times
+
+
+dispatch.register("bf16.many", "bf16", _measure_many)
+
+
+def fp32_faster(x: torch.Tensor) -> bool:
+    """x is bf16 on a CPU where bf16 products with many rows run faster in fp32 (as measured)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and dispatch.choice("bf16.many") == "fp32"
 
 
 _scratch = threading.local()
 
 
-def scratch_f32(n: int) -> torch.Tensor:
-    """A per-thread fp32 buffer of n elements, kept between calls (for inference only): a fresh
+def scratch(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A per-thread buffer of n elements of dtype, kept between calls (for inference only): a fresh
     allocation of a weight's size is an mmap that page-faults on every call (4x slower than a copy)."""
-    buf = getattr(_scratch, "buf", None)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n]
 
 
@@ -57,4 +57,4 @@ def fp32_weight(w: torch.Tensor) -> torch.Tensor:
     keeps it for the backward pass)."""
     if torch.is_grad_enabled():
         return w.float()
-    return scratch_f32(w.numel()).view(w.shape).copy_(w)
+    return scratch(w.numel()).view(w.shape).copy_(w)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ...models.lm import ScaledDotProduct
 from ...models.opt import OPTAttention
-from . import kernels
+from . import dispatch, kernels
 from .attention import CpuScaledDotProduct, FusedOPTAttention, fusable
 from .build import lib
 from .layout import block_for, fits
@@ -71,6 +71,8 @@ def plan_blocks(model: nn.Module, dtype_of: Callable[[str, Tensor], torch.dtype]
             w = getattr(m, m.weight_name)
             final[key] = dtype_of(key, w)
             block = block_for(final[key], w.shape)
+            if final[key] == torch.bfloat16 and block and dispatch.choice("bf16.one") != "kernel":
+                block = None  # torch streams bf16 weights at least as fast here: leave them row-major
             if block and key in tied:
                 plan.copies.append(m)
             elif block:

@@ -20,11 +20,6 @@ from torch import Tensor
 from .build import lib
 from .layout import blocks_of
 
-# Up to this many rows the kernels (which convert each weight once per two rows) beat unblocking the
-# weight to fp32 for one GEMM (measured on the 2-core AVX-512 VM: 10 vs 15 ms at 32 rows, 21 vs 20
-# at 64, for a 10240x2560 layer).
-GEMV_MAX_ROWS = 48
-
 
 # --- the layout ---
 def write_blocks(w: Tensor, out: Tensor, block: tuple[int, int]) -> Tensor:

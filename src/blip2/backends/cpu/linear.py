@@ -8,9 +8,9 @@ them, and a layer that was moved or cast, or that is trained (grad through its w
 row-major at its next forward. Products with few rows (decode steps) go through the kernels;
 with many (prefill, batches), one fp32 GEMM on the weight unblocked into a reused buffer.
 
-`Linear` is nn.Linear (same parameters, so the same checkpoint keys) with those paths, and two more
-for bf16 on CPUs that emulate bf16 (bf16.py): many rows as an fp32 GEMM, one row through torch.mv,
-whose bf16 kernel streams the weights faster than the GEMM path F.linear takes for a (1, K) input.
+`Linear` is nn.Linear (same parameters, so the same checkpoint keys) with those paths, and the
+bf16 paths dispatch.py measured fastest on this CPU: one row through torch.mv or F.linear, many
+rows in bf16 or as an fp32 GEMM (bf16.py).
 """
 
 from __future__ import annotations
@@ -19,34 +19,96 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
-from .bf16 import emulated_bf16, fp32_weight, scratch_f32
+from . import dispatch, kernels
+from .bf16 import MANY_ROWS, fp32_faster, fp32_weight, scratch
 from .build import lib
 from .layout import BLOCK, fits
 
-UPCAST_MIN_ROWS = 16  # measured crossover on a 2-core AVX-512 VM: below it the bf16 kernel wins
+
+def kernel_rows() -> int:
+    """Products with fewer rows than this run through the blocked kernels; more unblock the weight
+    for one GEMM (the measured crossover `bf16.kernel_rows`, plus one)."""
+    return int(dispatch.choice("bf16.kernel_rows")) + 1 if lib() is not None else 0
+
+
+def unblocked_product(x2: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """(x2 @ W^T) * scale + bias in fp32 for a blocked w, through the weight unblocked into a reused
+    buffer: bf16 x2 runs one bf16 GEMM where that is faster than fp32 here (`bf16.many`), else one
+    fp32 GEMM. int8 values are exact in bf16, so only a dequantized int4 weight is rounded."""
+    N, K = w.shape[0], x2.shape[1]
+    sz = scale if w.dtype == torch.uint8 else None  # int4: its scales and zeros, applied while unblocking
+    if w.dtype == torch.bfloat16 and x2.dtype == torch.bfloat16 and not fp32_faster(x2):
+        R, C = BLOCK[w.dtype]
+        wr = scratch(N * K, torch.bfloat16).view(N // R, R, K // C, C)
+        wr.copy_(w.view(N // R, K // C, R, C).transpose(1, 2))
+        y = F.linear(x2, wr.view(N, K)).float()
+    else:
+        wf = kernels.to_f32(w, scratch(N * K), sz)
+        if x2.dtype == torch.bfloat16 and not fp32_faster(x2):
+            y = F.linear(x2, scratch(N * K, torch.bfloat16).view(N, K).copy_(wf)).float()
+        else:
+            y = F.linear(x2.float(), wf)
+    if scale is not None and sz is None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
 
 
 def blocked_linear(x: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
     """(x @ W^T) * scale + bias, computed in fp32, for a blocked w; scale and bias fp32 (for int4 w,
     scale is its scales and zeros). Few rows go through the streaming kernels (the result in bf16 for
-    bf16 x, rounded once), many as one fp32 GEMM on the weight unblocked into the scratch buffer
-    (fp32). Callers cast."""
+    bf16 x, rounded once), many through unblocked_product (fp32). Callers cast."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    N = w.shape[0]
-    if x2.shape[0] < kernels.GEMV_MAX_ROWS:
+    if x2.shape[0] < kernel_rows():
         y = kernels.blocked_mm(x2, w, scale, bias)
-    elif w.dtype == torch.uint8:  # int4: scale is its scales and zeros, applied while unblocking
-        y = F.linear(x2.float(), kernels.to_f32(w, scratch_f32(N * x2.shape[1]), scale))
-        if bias is not None:
-            y = y + bias
     else:
-        y = F.linear(x2.float(), kernels.to_f32(w, scratch_f32(w.numel())))
-        if scale is not None:
-            y = y * scale
-        if bias is not None:
-            y = y + bias
-    return y.view(*x.shape[:-1], N)
+        y = unblocked_product(x2, w, scale, bias)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _measure_one() -> tuple[str, dict[str, float]]:
+    """A decode step's product: one row against a wide layer's weight (42 MB: it streams from memory)."""
+    w, x = dispatch.synthetic(8192, 2560, scale=0.02), dispatch.synthetic(1, 2560, seed=1)
+    cands = {"mv": lambda: torch.mv(w, x[0]), "linear": lambda: F.linear(x, w)}
+    if lib() is not None:
+        wb = kernels.blocked_copy(w, BLOCK[torch.bfloat16])
+        cands["kernel"] = lambda: kernels.blocked_mm(x, wb)
+    times = dispatch.measure(cands)
+    return dispatch.pick(times, "mv"), times
+
+
+def _measure_kernel_rows() -> tuple[int, dict[str, float]]:
+    """The largest row count (of 2, 4, ... 64) up to which the blocked kernel beats unblocking the
+    same weight for unblocked_product; 0 without kernels."""
+    if lib() is None:
+        return 0, {}
+    w = dispatch.synthetic(4096, 2560, scale=0.02)
+    wb = kernels.blocked_copy(w, BLOCK[torch.bfloat16])
+    times: dict[str, float] = {}
+    rows = 1
+    for m in (2, 4, 8, 16, 32, 48, 64):
+        x = dispatch.synthetic(m, 2560, seed=m)
+        t = dispatch.measure({"kernel": lambda: kernels.blocked_mm(x, wb),
+                              "unblock": lambda: unblocked_product(x, wb, None, None)}, reps=5, budget_s=0.3)
+        tk, tg = times[f"kernel@{m}"], times[f"unblock@{m}"] = t["kernel"], t["unblock"]
+        if tk >= tg:
+            break
+        rows = m
+    return rows, times
+
+
+dispatch.register("bf16.one", "mv", _measure_one)
+dispatch.register("bf16.kernel_rows", 0, _measure_kernel_rows)
+
+
+def one_row_torch() -> str:
+    """torch's faster path for a one-row bf16 product ("mv" or "linear"), for weights not blocked."""
+    c = dispatch.choice("bf16.one")
+    if c != "kernel":
+        return c
+    t = dispatch.timings("bf16.one")
+    return "linear" if t.get("linear", 1.0) < t.get("mv", 1.0) else "mv"
 
 
 class Blocked:
@@ -80,7 +142,7 @@ class Blocked:
         if not fits(w) or lib() is None:  # moved, cast: the copy is of no more use
             self.__dict__.pop("_copy", None)
             return None
-        if x.numel() >= kernels.GEMV_MAX_ROWS * x.shape[-1] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        if x.numel() >= kernel_rows() * x.shape[-1] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return None
         key = (w.data_ptr(), w._version, w.dtype)
         c = self.__dict__.get("_copy")
@@ -166,15 +228,15 @@ class Linear(Blocked, nn.Linear):
             self.to_rows_()
         elif self.keeps_blocked_copy and (w := self.blocked_copy_for(x)) is not None:
             return blocked_linear(x, w, *self.fp32_extras()).to(x.dtype)
-        if emulated_bf16(x):
+        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             rows = x.numel() // x.shape[-1]
-            if rows == 1 and self.weight.dtype == torch.bfloat16:
-                # one row (a decode step): torch.mv's bf16 dot-product kernel streams the weights
-                # about 1.5x faster than the GEMM path F.linear takes for a (1, K) input
+            if rows == 1 and one_row_torch() == "mv":
+                # a decode step: on some CPUs torch.mv's bf16 dot-product kernel streams the weights
+                # 1.5x faster than the GEMM path F.linear takes for a (1, K) input
                 x1 = x.reshape(-1)
                 y = torch.mv(self.weight, x1) if self.bias is None else torch.addmv(self.bias, self.weight, x1)
                 return y.view(*x.shape[:-1], -1)
-            if rows >= UPCAST_MIN_ROWS:
+            if rows >= MANY_ROWS and fp32_faster(x):
                 b = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), fp32_weight(self.weight), b).to(x.dtype)
         return F.linear(x, self.weight, self.bias)

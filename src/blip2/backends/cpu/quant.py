@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bf16 import emulated_bf16, fp32_weight
+from .bf16 import fp32_faster, fp32_weight
 from .layout import INT4_BLOCK_N, from_int4pack, scales_blocked, scales_in_rows, to_int4pack
 from .linear import Blocked, block_layers_, blocked_linear, unblock_layers_
 
@@ -113,8 +113,8 @@ class Int8Linear(Blocked, nn.Module):
             self.to_rows_()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dt)  # (M, K)
-        if emulated_bf16(x2) and x2.shape[0] >= INT8_UPCAST_MIN_ROWS:
-            # many rows (prefill, batches) on a CPU without bf16 instructions: the int8 kernel is
+        if fp32_faster(x2) and x2.shape[0] >= INT8_UPCAST_MIN_ROWS:
+            # many rows (prefill, batches) where bf16 GEMMs are slower than fp32: the int8 kernel is
             # compute-bound there, and fp32 GEMM on the int8 values (exact in fp32) is up to 1.7x
             # faster; the scales are applied in fp32 and the result rounded to bf16 once
             y = F.linear(x2.float(), fp32_weight(self.qweight)) * self.scales.float()

@@ -1,0 +1,232 @@
+"""Which path each kind of CPU product takes, chosen by measuring the candidates on this CPU.
+
+Flags do not tell what is fast. A Xeon with AMX runs oneDNN's bf16 GEMM 7x faster than fp32; a VM
+that reports `avx512_bf16` but hides AMX ran it 1.6x *slower* than fp32 (257x1408 @ 1408x6144:
+64 vs 38 ms), yet faster than fp32 for 40 rows (8 vs 13 ms). So each kind of product ("op") is timed
+once with every candidate path, at first use, on synthetic tensors of model-like shapes, and the
+fastest wins. Our path must beat torch's by a margin (MARGIN) to be chosen: where it is not clearly
+faster, torch's runs, so the backend is never slower than torch on any CPU.
+
+    op                where                  candidates (torch's own first)
+    bf16.one          1-row products         mv: torch.mv | linear: F.linear in bf16 | kernel: kernels.c
+                                             on blocked weights (bf16 weights are blocked only if it wins)
+    bf16.many         >= 16 rows             bf16: F.linear in bf16 (oneDNN) | fp32: one fp32 GEMM
+    bf16.kernel_rows  blocked weights        the most rows (2..64) for which the blocked kernel beats
+                                             unblocking the weight for the `bf16.many` path
+    sdpa.bf16         attention, many rows   bf16: SDPA in bf16 | fp32: SDPA on fp32 copies
+    sdpa.one          a decode step's        sdpa: SDPA in bf16 | kernel: kernels.attend_one on the
+                      attention              bf16 KV cache
+
+The choices are cached per CPU model + flags, torch version, kernel ISA and thread count, under
+~/.cache/blip2/dispatch (or $BLIP2_KERNEL_CACHE/../dispatch), and `blip2 info --runtime` prints them
+with the timings that decided them. BLIP2_DISPATCH="bf16.many=fp32,sdpa.bf16=bf16" forces choices
+(tests use `force`); BLIP2_DISPATCH=torch takes torch's path for every op without measuring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from . import build
+
+MARGIN = 0.9  # a candidate other than torch's default must take under 90% of its time
+DEFAULTS: dict[str, object] = {}  # op -> torch's path (filled by `register`)
+
+_lock = threading.RLock()
+_choices: dict[str, object] = {}
+_timings: dict[str, dict[str, float]] = {}
+_forced: dict[str, object] = {}
+_loaded_key: str | None = None
+
+
+# --- timing ---
+def measure(candidates: dict[str, Callable[[], object]], reps: int = 9, budget_s: float = 1.0) -> dict[str, float]:
+    """Each candidate's best wall time in seconds. The candidates take turns (after one warm-up
+    call each), so a burst of load from another process hits them alike, and the best of several
+    turns is what the CPU can do; it stops early once budget_s is spent."""
+    for fn in candidates.values():
+        fn()
+    best = dict.fromkeys(candidates, float("inf"))
+    t_end = time.perf_counter() + budget_s
+    for _ in range(reps):
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+        if time.perf_counter() > t_end:
+            break
+    return best
+
+
+def pick(times: dict[str, float], default: str) -> str:
+    """The fastest candidate, unless it is not clearly faster than torch's default."""
+    fastest = min(times, key=times.get)
+    return fastest if times[fastest] < MARGIN * times[default] else default
+
+
+# --- the registry: each op's measurement lives with the code it chooses between ---
+_MEASURE: dict[str, Callable[[], tuple[object, dict[str, float]]]] = {}
+
+
+def register(op: str, default, measure: Callable[[], tuple[object, dict[str, float]]]) -> None:
+    """Declare an op: torch's path (`default`) and a function that times the candidates and returns
+    (the choice, {candidate: seconds})."""
+    DEFAULTS[op] = default
+    _MEASURE[op] = measure
+
+
+def synthetic(*shape: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """A bf16 tensor of normal values, the same on every run (for the measurements)."""
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(torch.bfloat16)
+
+
+# --- the cache ---
+_keys: dict[int, str] = {}  # thread count -> key (a choice is looked up on every product)
+
+
+def cache_key() -> str:
+    """What the choices depend on: the CPU (model and flags), torch, the kernels' ISA, the threads."""
+    nt = torch.get_num_threads()
+    key = _keys.get(nt)
+    if key is None:
+        parts = [build._cpu_info(), torch.__version__, str(kernel_isa()), str(nt)]
+        key = _keys[nt] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return key
+
+
+def cache_file(key: str | None = None) -> Path:
+    """Where this machine's choices are kept."""
+    return build._cache_dir().parent / "dispatch" / f"{key or cache_key()}.json"
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the C kernels were built for here, or None without them."""
+    return build.isa() if hasattr(build, "isa") else ("avx512" if build.lib() is not None else None)
+
+
+def forget() -> None:
+    """Drop this machine's cached choices (in memory and on disk): the next use measures again."""
+    global _loaded_key
+    with _lock:
+        try:
+            cache_file().unlink()
+        except OSError:
+            pass
+        _choices.clear()
+        _timings.clear()
+        _loaded_key = None
+
+
+def cpu_model() -> str:
+    for line in build._cpu_info().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _load(key: str) -> None:
+    global _loaded_key
+    _choices.clear()
+    _timings.clear()
+    _loaded_key = key
+    try:
+        data = json.loads(cache_file(key).read_text())
+        for op in DEFAULTS:
+            if op in data.get("choices", {}):
+                _choices[op] = data["choices"][op]
+                _timings[op] = data.get("timings", {}).get(op, {})
+    except (OSError, ValueError, AttributeError):
+        pass  # no cache yet, or an unreadable one: measure again
+
+
+def _save(key: str) -> None:
+    path = cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "isa": kernel_isa(),
+                                   "threads": torch.get_num_threads(), "choices": _choices,
+                                   "timings": _timings}, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choices hold for this process only
+
+
+_env_parsed: tuple[str, dict[str, str]] = ("", {})
+
+
+def _env() -> dict[str, str]:
+    """BLIP2_DISPATCH as {op: choice} (parsed again only when it changes)."""
+    global _env_parsed
+    spec = os.environ.get("BLIP2_DISPATCH", "").strip()
+    if spec != _env_parsed[0]:
+        if spec == "torch":
+            out = {op: str(v) for op, v in DEFAULTS.items()}
+        else:
+            out = {}
+            for item in filter(None, (s.strip() for s in spec.split(","))):
+                op, _, val = item.partition("=")
+                out[op] = val
+        _env_parsed = (spec, out)
+    return _env_parsed[1]
+
+
+def choice(op: str):
+    """The path `op` takes here (see the table above); measured once, on first use."""
+    if op in _forced:
+        return _forced[op]
+    env = _env().get(op)
+    if env is not None:
+        return type(DEFAULTS[op])(env)
+    key = cache_key()
+    if _loaded_key == key and op in _choices:
+        return _choices[op]
+    with _lock:
+        if _loaded_key != key:
+            _load(key)
+        if op not in _choices:
+            if torch.compiler.is_compiling():
+                return DEFAULTS[op]
+            with torch.no_grad():
+                _choices[op], _timings[op] = _MEASURE[op]()
+            _save(key)
+        return _choices[op]
+
+
+def timings(op: str) -> dict[str, float]:
+    """The seconds each candidate of `op` took when it was measured ({} if it was not)."""
+    return _timings.get(op, {})
+
+
+def report(measure: bool = True) -> list[dict]:
+    """One record per op: its choice, why (forced, cached or measured) and the timings, in ms."""
+    rows = []
+    env = _env()
+    for op in DEFAULTS:
+        if measure:
+            choice(op)
+        why = "forced" if op in _forced else "BLIP2_DISPATCH" if op in env else "measured"
+        rows.append(dict(op=op, choice=choice(op) if measure else _choices.get(op), why=why,
+                         ms={k: round(v * 1e3, 3) for k, v in _timings.get(op, {}).items()}))
+    return rows
+
+
+@contextlib.contextmanager
+def force(**choices) -> Iterator[None]:
+    """Force choices inside a block (tests): force(**{"bf16.many": "fp32"})."""
+    saved = dict(_forced)
+    _forced.update(choices)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)

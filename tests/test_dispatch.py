@@ -1,0 +1,176 @@
+"""dispatch.py: choices measured once and cached per CPU, overridable, and every path they choose
+between gives the same numbers (within one bf16 rounding) as a float64 reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip2.backends.cpu import attention, build, dispatch, kernels, layout, linear
+from blip2.backends.cpu.quant import Int4Linear, Int8Linear
+
+needs_kernels = pytest.mark.skipif(not build.available(), reason="no C compiler or no AVX-512/AVX2 here")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty dispatch cache and no choices in memory (restored after)."""
+    monkeypatch.setenv("BLIP2_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.delenv("BLIP2_DISPATCH", raising=False)
+    saved = dict(dispatch._choices), dict(dispatch._timings), dispatch._loaded_key
+    dispatch._choices.clear()
+    dispatch._timings.clear()
+    dispatch._loaded_key = None
+    yield tmp_path / "dispatch"
+    dispatch._choices.clear()
+    dispatch._choices.update(saved[0])
+    dispatch._timings.clear()
+    dispatch._timings.update(saved[1])
+    dispatch._loaded_key = saved[2]
+
+
+def test_pick_prefers_torch_unless_clearly_faster():
+    assert dispatch.pick({"torch": 1.0, "ours": 0.95}, "torch") == "torch"  # within the margin
+    assert dispatch.pick({"torch": 1.0, "ours": 0.5}, "torch") == "ours"
+    assert dispatch.pick({"torch": 0.4, "ours": 0.5}, "torch") == "torch"
+
+
+def test_measure_returns_each_candidates_best_time():
+    calls = {"a": 0, "b": 0}
+
+    def a():
+        calls["a"] += 1
+
+    def b():
+        calls["b"] += 1
+        sum(range(20000))
+
+    t = dispatch.measure({"a": a, "b": b}, reps=4, budget_s=10)
+    assert calls == {"a": 5, "b": 5}  # one warm-up, then turns
+    assert 0 <= t["a"] < t["b"]
+
+
+def test_choices_are_measured_once_and_cached_per_cpu(fresh_cache, monkeypatch):
+    runs = []
+    monkeypatch.setitem(dispatch._MEASURE, "sdpa.bf16", lambda: (runs.append(1), ("fp32", {"bf16": 2.0, "fp32": 1.0}))[1])
+    assert dispatch.choice("sdpa.bf16") == "fp32" and dispatch.choice("sdpa.bf16") == "fp32"
+    assert len(runs) == 1
+    files = list(fresh_cache.glob("*.json"))
+    assert len(files) == 1 and files[0].stem == dispatch.cache_key()
+    data = json.loads(files[0].read_text())
+    assert data["choices"]["sdpa.bf16"] == "fp32" and data["timings"]["sdpa.bf16"] == {"bf16": 2.0, "fp32": 1.0}
+    assert data["threads"] == torch.get_num_threads() and "torch" in data
+    # a new process (memory cleared) reads the file instead of measuring
+    dispatch._choices.clear()
+    dispatch._loaded_key = None
+    assert dispatch.choice("sdpa.bf16") == "fp32" and len(runs) == 1
+    # another thread count is another machine configuration: measured again
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if n > 1 else 2)
+        assert dispatch.cache_key() != files[0].stem
+        dispatch.choice("sdpa.bf16")
+        assert len(runs) == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_a_damaged_cache_is_measured_again(fresh_cache, monkeypatch):
+    fresh_cache.mkdir(parents=True)
+    (fresh_cache / f"{dispatch.cache_key()}.json").write_text("{not json")
+    monkeypatch.setitem(dispatch._MEASURE, "bf16.many", lambda: ("bf16", {"bf16": 1.0, "fp32": 2.0}))
+    assert dispatch.choice("bf16.many") == "bf16"
+    assert json.loads((fresh_cache / f"{dispatch.cache_key()}.json").read_text())["choices"]["bf16.many"] == "bf16"
+
+
+def test_environment_overrides_without_measuring(fresh_cache, monkeypatch):
+    monkeypatch.setitem(dispatch._MEASURE, "bf16.many", lambda: pytest.fail("measured despite BLIP2_DISPATCH"))
+    monkeypatch.setenv("BLIP2_DISPATCH", "bf16.many=fp32, bf16.kernel_rows=7")
+    assert dispatch.choice("bf16.many") == "fp32" and dispatch.choice("bf16.kernel_rows") == 7
+    monkeypatch.setenv("BLIP2_DISPATCH", "torch")
+    assert {op: dispatch.choice(op) for op in dispatch.DEFAULTS} == dispatch.DEFAULTS
+    rows = dispatch.report()
+    assert {r["op"] for r in rows} == set(dispatch.DEFAULTS) and all(r["why"] == "BLIP2_DISPATCH" for r in rows)
+    assert not fresh_cache.exists()  # nothing measured, nothing written
+
+
+def test_report_measures_every_op_with_real_candidates(fresh_cache):
+    rows = {r["op"]: r for r in dispatch.report()}
+    assert set(rows) == {"bf16.one", "bf16.many", "bf16.kernel_rows", "sdpa.bf16", "sdpa.one"}
+    assert rows["bf16.many"]["choice"] in ("bf16", "fp32") and set(rows["bf16.many"]["ms"]) == {"bf16", "fp32"}
+    assert rows["bf16.one"]["choice"] in rows["bf16.one"]["ms"]
+    assert all(v > 0 for r in rows.values() for v in r["ms"].values())
+    if build.available():
+        assert "kernel" in rows["bf16.one"]["ms"] and rows["bf16.kernel_rows"]["choice"] >= 1
+
+
+@pytest.mark.parametrize("many", ["bf16", "fp32"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_attention_paths_agree(many, rows):
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randn(2, 4, rows, 32, generator=g).bfloat16()
+    k, v = (torch.randn(2, 4, 40, 32, generator=g).bfloat16() for _ in range(2))
+    mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    sdp = attention.CpuScaledDotProduct()
+    for one in ("sdpa", "kernel"):
+        with dispatch.force(**{"sdpa.bf16": many, "sdpa.one": one}):
+            y, _ = sdp(q, k, v, mask)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def _layer(kind: str) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(256, 128)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(128, 256, generator=g) / 16)
+        lin.bias.copy_(torch.randn(128, generator=g) * 0.1)
+    if kind == "int8":
+        return Int8Linear.from_linear(lin.bfloat16())
+    if kind == "int4":
+        return Int4Linear.from_linear(lin.bfloat16(), 32)
+    lay = linear.Linear(256, 128).bfloat16()
+    lay.load_state_dict(lin.bfloat16().state_dict())
+    return lay
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("many", ["bf16", "fp32"])
+def test_blocked_many_rows_paths_agree(kind, many):
+    """Many rows against a blocked weight: unblocked into a bf16 or an fp32 buffer for one GEMM."""
+    lay = _layer(kind)
+    with torch.no_grad():
+        w = lay.dequantize() if kind != "bf16" else lay.weight
+        x = torch.randn(70, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+        ref = x.double() @ w.double().T + lay.bias.double()
+        assert lay.to_blocks_()
+        with dispatch.force(**{"bf16.many": many, "bf16.kernel_rows": 8}):
+            y = lay(x)
+            few = lay(x[:5])  # under the crossover: the kernel
+    assert y.dtype == few.dtype == torch.bfloat16
+    tol = 2e-2 if kind == "int4" and many == "bf16" else 1e-2  # int4: the dequantized weight rounded to bf16
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().mean()))
+    torch.testing.assert_close(few.double(), ref[:5], rtol=1e-2, atol=1e-2 * float(ref.abs().mean()))
+
+
+@needs_kernels
+def test_kernel_rows_sets_the_crossover():
+    lay = _layer("bf16")
+    assert lay.to_blocks_()
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with torch.no_grad():
+        with dispatch.force(**{"bf16.kernel_rows": 6}):
+            assert linear.kernel_rows() == 7
+            by_kernel = lay(x)
+            want = kernels.blocked_mm(x, lay.weight, None, lay.fp32_extras()[1])
+        assert torch.equal(by_kernel, want)
+        with dispatch.force(**{"bf16.kernel_rows": 3, "bf16.many": "fp32"}):
+            by_gemm = lay(x)
+            want = linear.unblocked_product(x, lay.weight, None, lay.fp32_extras()[1]).bfloat16()
+        assert torch.equal(by_gemm, want)
+    assert layout.BLOCK[torch.bfloat16] == lay.block
