@@ -99,12 +99,13 @@ def test_environment_overrides_without_measuring(fresh_cache, monkeypatch):
 
 def test_report_measures_every_op_with_real_candidates(fresh_cache):
     rows = {r["op"]: r for r in dispatch.report()}
-    assert set(rows) == {"bf16.one", "bf16.many", "bf16.kernel_rows", "sdpa.bf16", "sdpa.one"}
+    assert set(rows) == {"bf16.one", "bf16.many", "bf16.kernel_rows", "sdpa.bf16", "sdpa.one", "int8.one", "int4.one"}
     assert rows["bf16.many"]["choice"] in ("bf16", "fp32") and set(rows["bf16.many"]["ms"]) == {"bf16", "fp32"}
     assert rows["bf16.one"]["choice"] in rows["bf16.one"]["ms"]
     assert all(v > 0 for r in rows.values() for v in r["ms"].values())
     if build.available():
-        assert "kernel" in rows["bf16.one"]["ms"] and rows["bf16.kernel_rows"]["choice"] >= 1
+        assert all("kernel" in rows[op]["ms"] for op in ("bf16.one", "int8.one", "int4.one", "sdpa.one"))
+        assert rows["bf16.kernel_rows"]["choice"] >= 1
 
 
 @pytest.mark.parametrize("many", ["bf16", "fp32"])

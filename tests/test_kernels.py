@@ -30,7 +30,8 @@ KERNEL_ROWS = 48  # products with fewer rows take the kernels in these tests (di
 
 @pytest.fixture(autouse=True)
 def fixed_crossover():
-    with dispatch.force(**{"bf16.kernel_rows": KERNEL_ROWS - 1, "bf16.one": "kernel"}):
+    with dispatch.force(**{"bf16.kernel_rows": KERNEL_ROWS - 1, "bf16.one": "kernel", "int8.one": "kernel",
+                           "int4.one": "kernel"}):
         yield
 
 

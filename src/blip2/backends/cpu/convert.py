@@ -28,6 +28,8 @@ from .build import lib
 from .layout import block_for, fits
 from .linear import Blocked, Linear
 
+# the dispatch op that decides whether weights of a dtype are blocked (uint8 is int4)
+ONE_ROW_OP = {torch.bfloat16: "bf16.one", torch.int8: "int8.one", torch.uint8: "int4.one"}
 SWAPS: dict[type, type] = {nn.Linear: Linear, ScaledDotProduct: CpuScaledDotProduct, OPTAttention: FusedOPTAttention}
 
 
@@ -71,8 +73,8 @@ def plan_blocks(model: nn.Module, dtype_of: Callable[[str, Tensor], torch.dtype]
             w = getattr(m, m.weight_name)
             final[key] = dtype_of(key, w)
             block = block_for(final[key], w.shape)
-            if final[key] == torch.bfloat16 and block and dispatch.choice("bf16.one") != "kernel":
-                block = None  # torch streams bf16 weights at least as fast here: leave them row-major
+            if block and dispatch.choice(ONE_ROW_OP[final[key]]) != "kernel":
+                block = None  # torch streams such weights at least as fast here: leave them row-major
             if block and key in tied:
                 plan.copies.append(m)
             elif block:

@@ -16,6 +16,8 @@ faster, torch's runs, so the backend is never slower than torch on any CPU.
     sdpa.bf16         attention, many rows   bf16: SDPA in bf16 | fp32: SDPA on fp32 copies
     sdpa.one          a decode step's        sdpa: SDPA in bf16 | kernel: kernels.attend_one on the
                       attention              bf16 KV cache
+    int8.one, int4.one  1-row products       torch: _weight_int8pack_mm / _weight_int4pack_mm_for_cpu |
+                                             kernel: kernels.c on blocked weights (blocked only if it wins)
 
 The choices are cached per CPU model + flags, torch version, kernel ISA and thread count, under
 ~/.cache/blip2/dispatch (or $BLIP2_KERNEL_CACHE/../dispatch), and `blip2 info --runtime` prints them

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import dispatch, kernels
 from .bf16 import fp32_faster, fp32_weight
-from .layout import INT4_BLOCK_N, from_int4pack, scales_blocked, scales_in_rows, to_int4pack
+from .build import lib
+from .layout import BLOCK, INT4_BLOCK_N, from_int4pack, scales_blocked, scales_in_rows, to_int4pack
 from .linear import Blocked, block_layers_, blocked_linear, unblock_layers_
 
 MODES = ("int8", "int4")
@@ -71,6 +73,32 @@ def quant4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
         q4 = to_int4pack(q)
     return q4, torch.stack((s, z), -1).transpose(0, 1).to(w.dtype)
 
+
+def _measure_one(mode: str) -> tuple[str, dict[str, float]]:
+    """A decode step's product with an int8 / int4 weight of a wide layer: torch's kernel on its own
+    layout against ours on the block layout (int weights are blocked only if ours wins)."""
+    w, x = dispatch.synthetic(8192, 2560, scale=0.02), dispatch.synthetic(1, 2560, seed=1)
+    if mode == "int8":
+        q, s = quant8(w)
+        cands = {"torch": (lambda: torch.ops.aten._weight_int8pack_mm(x, q, s)) if _has_op("_weight_int8pack_mm")
+                 else (lambda: F.linear(x, q.to(x.dtype)) * s)}
+        if lib() is not None:
+            qb, sf = kernels.blocked_copy(q, BLOCK[torch.int8]), s.float()
+            cands["kernel"] = lambda: kernels.blocked_mm(x, qb, sf)
+    else:
+        q, sz = quant4(w, 32)
+        op = "_weight_int4pack_mm_for_cpu"
+        cands = {"torch": (lambda: getattr(torch.ops.aten, op)(x, q, 32, sz)) if _has_op(op)
+                 else (lambda: F.linear(x, torch.zeros(8192, 2560, dtype=x.dtype)))}  # dequantize + matmul, at least
+        if lib() is not None:
+            qb, szb = kernels.blocked_copy(q, BLOCK[torch.uint8]), scales_blocked(sz)
+            cands["kernel"] = lambda: kernels.blocked_mm(x, qb, szb)
+    times = dispatch.measure(cands)
+    return dispatch.pick(times, "torch"), times
+
+
+dispatch.register("int8.one", "torch", lambda: _measure_one("int8"))
+dispatch.register("int4.one", "torch", lambda: _measure_one("int4"))
 
 INT8_UPCAST_MIN_ROWS = 64  # measured crossover (2-core AVX-512 VM): _weight_int8pack_mm wins below
 
