@@ -208,6 +208,41 @@ def clock(dev) -> float:
     return time.perf_counter()
 
 
+def matmul_rate(dev, dtype) -> float:
+    """The best matrix-product rate in FLOP/s of (512, 2048) @ (2048, 2048) in dtype and in fp32 (the
+    CPU's best precision decides the compute floor of the image + prefill phase)."""
+    import torch
+
+    best = 0.0
+    for dt in {dtype, torch.float32}:
+        a, b = torch.randn(512, 2048, device=dev, dtype=dt), torch.randn(2048, 2048, device=dev, dtype=dt)
+        a @ b
+        for _ in range(5):
+            t = clock(dev)
+            a @ b
+            best = max(best, 2 * 512 * 2048 * 2048 / (clock(dev) - t))
+    return best
+
+
+def image_prefill_flops(c, prompt_len: int) -> float:
+    """FLOPs of the vision tower, the Q-Former and the LM prefill (+ one head row) for one image: 2 per
+    multiply-add of every matrix product, attention included."""
+    v, q, t = c.vision_config, c.qformer_config, c.text_config
+    T = (v.image_size // v.patch_size) ** 2 + 1
+    f = 2 * T * 3 * v.patch_size**2 * v.hidden_size  # patch embedding
+    f += v.num_hidden_layers * (2 * T * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+                                + 4 * T * T * v.hidden_size)
+    Q = c.num_query_tokens
+    per = 2 * Q * (4 * q.hidden_size**2 + 2 * q.hidden_size * q.intermediate_size) + 4 * Q * Q * q.hidden_size
+    cross = 2 * Q * 2 * q.hidden_size**2 + 2 * T * 2 * v.hidden_size * q.hidden_size + 4 * Q * T * q.hidden_size
+    f += q.num_hidden_layers * per + (q.num_hidden_layers + 1) // 2 * cross
+    f += 2 * Q * q.hidden_size * t.hidden_size  # language projection
+    P = prompt_len
+    f += t.num_hidden_layers * (2 * P * (4 * t.hidden_size**2 + 2 * t.hidden_size * t.ffn_dim) + 4 * P * P * t.hidden_size)
+    f += 2 * t.hidden_size * t.vocab_size  # the last position's logits
+    return float(f)
+
+
 def lm_bytes_per_token(model) -> int:
     """Bytes of language-model weights one decode step reads: every tensor of the LM (int8/int4
     weights with their scales, norms, biases) except embedding tables, which are looked up one row
@@ -364,6 +399,10 @@ def _measure(spec: dict, r: dict) -> None:
     r["read_gb_per_s"] = read_bandwidth(dev, gib=spec["bw_gib"]) / 1e9
     r["floor_ms_per_token"] = r["lm_bytes_per_token"] / (r["read_gb_per_s"] * 1e9) * 1e3
     r["decode_vs_floor"] = r["decode_ms_per_token"] / r["floor_ms_per_token"]
+    r["stage"] = "matmul rate"
+    r["matmul_tflops"] = matmul_rate(dev, dtype) / 1e12
+    r["prefill_floor_s"] = image_prefill_flops(model.config, prompt_len) / (r["matmul_tflops"] * 1e12)
+    r["prefill_vs_floor"] = r["prefill_s"] / r["prefill_floor_s"]
 
 
 def run_child(impl: str, args, ckpt: Path) -> dict:
@@ -592,13 +631,16 @@ def main(argv=None) -> int:
         ("read bandwidth (GB/s)", "read_gb_per_s", "{:.2f}", None),
         ("floor (ms / token)", "floor_ms_per_token", "{:.3g}", False),
         ("decode / floor", "decode_vs_floor", "{:.2f}", False),
+        ("matmul rate (TFLOP/s)", "matmul_tflops", "{:.3f}", None),
+        ("image+prefill floor (s)", "prefill_floor_s", "{:.3f}", None),
+        ("image+prefill / floor", "prefill_vs_floor", "{:.2f}", False),
         *[(f"captions / s (batch {b})", f"batch{b}_captions_per_s", "{:.3f}", True) for b in args.batches],
         *[(f"{k} question{'s' if k > 1 else ''} (s)", f"questions{k}_s", "{:.3f}", False) for k in args.ks],
         *[(f"  / (1 + 0.3*{k}) caption", f"questions{k}_vs_bound", "{:.2f}", False) for k in args.ks],
     ]
     if args.phases:  # the phase table: each phase of a caption, and batch throughput
         keep = {"vision_s", "prefill_s", "decode_ms_per_token", "caption_s", "read_gb_per_s",
-                "floor_ms_per_token", "decode_vs_floor", *(f"batch{b}_captions_per_s" for b in args.batches)}
+                "floor_ms_per_token", "decode_vs_floor", "matmul_tflops", "prefill_floor_s", "prefill_vs_floor", *(f"batch{b}_captions_per_s" for b in args.batches)}
         rows = [row for row in rows if row[1] in keep]
     for rs in runs.values():
         for r in rs:
