@@ -2,7 +2,7 @@
 
 Products are checked against float64 references; blocked layers against the same layers row-major;
 a blocked model against itself row-major (same greedy ids), through save/reload and compile. The
-kernels need a C compiler and AVX-512: where they cannot build, the tests that need them skip
+kernels need a C compiler and AVX-512 or AVX2 + FMA: where they cannot build, the tests that need them skip
 (and the fallback tests still run).
 """
 
@@ -24,7 +24,7 @@ from blip2.backends.cpu import attention, build, dispatch, kernels, layout, line
 from blip2.backends.cpu.convert import convert
 from blip2.backends.cpu.quant import quantize_
 
-needs_kernels = pytest.mark.skipif(not build.available(), reason="no C compiler or no AVX-512 here")
+needs_kernels = pytest.mark.skipif(not build.available(), reason="no C compiler, or neither AVX-512 nor AVX2 here")
 KERNEL_ROWS = 48  # products with fewer rows take the kernels in these tests (dispatch measures it otherwise)
 
 

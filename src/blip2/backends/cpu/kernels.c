@@ -1,4 +1,5 @@
-// CPU matrix-vector kernels for decode steps (AVX-512F), built on first use by build.py, called through kernels.py.
+// CPU matrix-vector kernels for decode steps (AVX-512F, or AVX2 + FMA), built on first use by
+// build.py, called through kernels.py.
 //
 // A decode step reads every weight once, so its speed is the rate at which weights stream from
 // memory. Row-major weights read one row at a time keep only a few streams in flight per core;
@@ -18,7 +19,12 @@
 // y (M, N) fp32 = x (M, K) fp32 @ W^T, times scale[n] if given, plus bias[n] if given. Products of
 // int8 or bf16 values with fp32 are exact in fp32 (before the add); sums are in fp32.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"  // v16 and its helpers: the only code that differs between AVX-512 and AVX2
 
 #define AHEAD 4096  // bytes to prefetch ahead of the chunk being read (into L2: measured a little faster than L1)
 
@@ -26,16 +32,8 @@ static inline void pf(const void* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch((const char*)p + AHEAD + 64 * i, _MM_HINT_T1);
 }
 
-static inline __m512 ld_i8(const int8_t* p) {  // 16 int8 -> 16 fp32
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-
-static inline __m512 ld_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's top half)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-static inline float finish(__m512 a, const float* scale, const float* bias, int64_t n) {
-  float v = _mm512_reduce_add_ps(a);
+static inline float finish(vacc a, const float* scale, const float* bias, int64_t n) {
+  float v = acc_sum(a);
   if (scale) v *= scale[n];
   if (bias) v += bias[n];
   return v;
@@ -45,14 +43,14 @@ static inline float finish(__m512 a, const float* scale, const float* bias, int6
 // loop has no branch inside (measurably faster than one function that also takes row pairs).
 static inline void q8_row(const int8_t* b, int64_t K, const float* x, int prefetch,
                           float* y, const float* scale, const float* bias, int64_t n0) {
-  __m512 a[8];
-  for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+  vacc a[8];
+  for (int r = 0; r < 8; ++r) a[r] = acc_zero();
   for (int64_t k = 0; k < K; k += 64) {
     const int8_t* c = b + k * 8;
     if (prefetch) pf(c, 8);
     for (int j = 0; j < 64; j += 16) {
-      __m512 u = _mm512_loadu_ps(x + k + j);
-      for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(ld_i8(c + r * 64 + j), u, a[r]);
+      v16 u = v_load(x + k + j);
+      for (int r = 0; r < 8; ++r) a[r] = acc_fmadd(v_i8(c + r * 64 + j), u, a[r]);
     }
   }
   for (int r = 0; r < 8; ++r) y[n0 + r] = finish(a[r], scale, bias, n0 + r);
@@ -61,17 +59,17 @@ static inline void q8_row(const int8_t* b, int64_t K, const float* x, int prefet
 // The same block against two x rows: each weight is converted once for both.
 static inline void q8_pair(const int8_t* b, int64_t K, const float* x0, const float* x1, int prefetch,
                            float* y0, float* y1, const float* scale, const float* bias, int64_t n0) {
-  __m512 a0[8], a1[8];
-  for (int r = 0; r < 8; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  vacc a0[8], a1[8];
+  for (int r = 0; r < 8; ++r) a0[r] = a1[r] = acc_zero();
   for (int64_t k = 0; k < K; k += 64) {
     const int8_t* c = b + k * 8;
     if (prefetch) pf(c, 8);
     for (int j = 0; j < 64; j += 16) {
-      __m512 u0 = _mm512_loadu_ps(x0 + k + j), u1 = _mm512_loadu_ps(x1 + k + j);
+      v16 u0 = v_load(x0 + k + j), u1 = v_load(x1 + k + j);
       for (int r = 0; r < 8; ++r) {
-        __m512 w = ld_i8(c + r * 64 + j);
-        a0[r] = _mm512_fmadd_ps(w, u0, a0[r]);
-        a1[r] = _mm512_fmadd_ps(w, u1, a1[r]);
+        v16 w = v_i8(c + r * 64 + j);
+        a0[r] = acc_fmadd(w, u0, a0[r]);
+        a1[r] = acc_fmadd(w, u1, a1[r]);
       }
     }
   }
@@ -80,7 +78,6 @@ static inline void q8_pair(const int8_t* b, int64_t K, const float* x0, const fl
     y1[n0 + r] = finish(a1[r], scale, bias, n0 + r);
   }
 }
-
 void q8_mm(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M,
            const float* scale, const float* bias, float* y, int nt) {
   if (M == 1) {
@@ -101,40 +98,40 @@ void q8_mm(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M,
 // bf16: blocks of 4 rows; accumulators [2r] and [2r+1] hold row r's two 16-wide halves of a chunk.
 static inline void bf16_row(const uint16_t* b, int64_t K, const float* x, int prefetch,
                             float* y, const float* bias, int64_t n0) {
-  __m512 a[8];
-  for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+  vacc a[8];
+  for (int r = 0; r < 8; ++r) a[r] = acc_zero();
   for (int64_t k = 0; k < K; k += 32) {
     const uint16_t* c = b + k * 4;
     if (prefetch) pf(c, 4);
-    __m512 u = _mm512_loadu_ps(x + k), uh = _mm512_loadu_ps(x + k + 16);
+    v16 u = v_load(x + k), uh = v_load(x + k + 16);
     for (int r = 0; r < 4; ++r) {
-      a[2 * r] = _mm512_fmadd_ps(ld_bf16(c + r * 32), u, a[2 * r]);
-      a[2 * r + 1] = _mm512_fmadd_ps(ld_bf16(c + r * 32 + 16), uh, a[2 * r + 1]);
+      a[2 * r] = acc_fmadd(v_bf16(c + r * 32), u, a[2 * r]);
+      a[2 * r + 1] = acc_fmadd(v_bf16(c + r * 32 + 16), uh, a[2 * r + 1]);
     }
   }
-  for (int r = 0; r < 4; ++r) y[n0 + r] = finish(_mm512_add_ps(a[2 * r], a[2 * r + 1]), 0, bias, n0 + r);
+  for (int r = 0; r < 4; ++r) y[n0 + r] = finish(acc_add(a[2 * r], a[2 * r + 1]), 0, bias, n0 + r);
 }
 
 static inline void bf16_pair(const uint16_t* b, int64_t K, const float* x0, const float* x1, int prefetch,
                              float* y0, float* y1, const float* bias, int64_t n0) {
-  __m512 a0[8], a1[8];
-  for (int r = 0; r < 8; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  vacc a0[8], a1[8];
+  for (int r = 0; r < 8; ++r) a0[r] = a1[r] = acc_zero();
   for (int64_t k = 0; k < K; k += 32) {
     const uint16_t* c = b + k * 4;
     if (prefetch) pf(c, 4);
-    __m512 u0 = _mm512_loadu_ps(x0 + k), u0h = _mm512_loadu_ps(x0 + k + 16);
-    __m512 u1 = _mm512_loadu_ps(x1 + k), u1h = _mm512_loadu_ps(x1 + k + 16);
+    v16 u0 = v_load(x0 + k), u0h = v_load(x0 + k + 16);
+    v16 u1 = v_load(x1 + k), u1h = v_load(x1 + k + 16);
     for (int r = 0; r < 4; ++r) {
-      __m512 w = ld_bf16(c + r * 32), wh = ld_bf16(c + r * 32 + 16);
-      a0[2 * r] = _mm512_fmadd_ps(w, u0, a0[2 * r]);
-      a0[2 * r + 1] = _mm512_fmadd_ps(wh, u0h, a0[2 * r + 1]);
-      a1[2 * r] = _mm512_fmadd_ps(w, u1, a1[2 * r]);
-      a1[2 * r + 1] = _mm512_fmadd_ps(wh, u1h, a1[2 * r + 1]);
+      v16 w = v_bf16(c + r * 32), wh = v_bf16(c + r * 32 + 16);
+      a0[2 * r] = acc_fmadd(w, u0, a0[2 * r]);
+      a0[2 * r + 1] = acc_fmadd(wh, u0h, a0[2 * r + 1]);
+      a1[2 * r] = acc_fmadd(w, u1, a1[2 * r]);
+      a1[2 * r + 1] = acc_fmadd(wh, u1h, a1[2 * r + 1]);
     }
   }
   for (int r = 0; r < 4; ++r) {
-    y0[n0 + r] = finish(_mm512_add_ps(a0[2 * r], a0[2 * r + 1]), 0, bias, n0 + r);
-    y1[n0 + r] = finish(_mm512_add_ps(a1[2 * r], a1[2 * r + 1]), 0, bias, n0 + r);
+    y0[n0 + r] = finish(acc_add(a0[2 * r], a0[2 * r + 1]), 0, bias, n0 + r);
+    y1[n0 + r] = finish(acc_add(a1[2 * r], a1[2 * r + 1]), 0, bias, n0 + r);
   }
 }
 
@@ -162,7 +159,7 @@ void q8_unpack_f32(const int8_t* w, int64_t N, int64_t K, float* out, int nt) {
     for (int64_t k = 0; k < K; k += 64)
       for (int r = 0; r < 8; ++r)
         for (int j = 0; j < 64; j += 16)
-          _mm512_storeu_ps(out + (n0 + r) * K + k + j, ld_i8(w + n0 * K + k * 8 + r * 64 + j));
+          v_store(out + (n0 + r) * K + k + j, v_i8(w + n0 * K + k * 8 + r * 64 + j));
 }
 
 void bf16_unpack_f32(const uint16_t* w, int64_t N, int64_t K, float* out, int nt) {
@@ -171,13 +168,11 @@ void bf16_unpack_f32(const uint16_t* w, int64_t N, int64_t K, float* out, int nt
     for (int64_t k = 0; k < K; k += 32)
       for (int r = 0; r < 4; ++r)
         for (int j = 0; j < 32; j += 16)
-          _mm512_storeu_ps(out + (n0 + r) * K + k + j, ld_bf16(w + n0 * K + k * 4 + r * 32 + j));
+          v_store(out + (n0 + r) * K + k + j, v_bf16(w + n0 * K + k * 4 + r * 32 + j));
 }
 
 // The same products for bf16 activations in and out (a bf16 model's decode step): converting here
 // saves two torch ops per layer call. fp32 inside; the result is rounded to nearest-even once.
-#include <stdlib.h>
-#include <string.h>
 
 static float* bf16_to_f32(const uint16_t* x, int64_t n) {
   float* f = (float*)malloc(n * sizeof(float));
@@ -219,38 +214,22 @@ void bf16_mm_bf16(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, in
 
 // --- int4, group-wise: w = (q - 8) * s + z, q in [0, 15], (s, z) per row and group of G columns ---
 // Here a vector lane is a row (16 rows per register), so per-row group scales apply with one
-// vector FMA per group, and results are stored without a horizontal sum. A nibble becomes its
-// float (q - 8) by a table lookup (vpermps reads only an index's low 4 bits, so a shift is all the
-// unpacking a column needs). y = sum_g s_g * sum_{k in g} (q - 8) x_k + z_g * sum_{k in g} x_k.
-
-// 16 consecutive (s, z) pairs from pair i of sz, bf16 or fp32
-static inline void ld_sz(const void* sz, int f32, int64_t i, __m512* s, __m512* z) {
-  if (f32) {
-    const float* p = (const float*)sz + 2 * i;
-    __m512 lo = _mm512_loadu_ps(p), hi = _mm512_loadu_ps(p + 16);
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    *s = _mm512_permutex2var_ps(lo, even, hi);
-    *z = _mm512_permutex2var_ps(lo, _mm512_add_epi32(even, _mm512_set1_epi32(1)), hi);
-  } else {  // a dword is (s, z) as two bf16: s is its low half, z its high half
-    __m512i v = _mm512_loadu_si512((const uint16_t*)sz + 2 * i);
-    *s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    *z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
-  }
-}
+// vector FMA per group, and results are stored without a horizontal sum. A nibble becomes a float
+// by v_nibble: q - 8 (AVX-512), or q times a power of 2 that x is scaled back by (AVX2, Q4_RAW).
+// y = sum_g s_g * sum_{k in g} (q - 8) x_k + z_g * sum_{k in g} x_k.
 
 // One block of 64 rows against one x row (two = 0) or two (two = 1; each weight is converted once
-// for both). Inlined with `two` and `prefetch` constant. xs: x's sums per group.
+// for both). Inlined with `two` and `prefetch` constant. x as v_nibble needs it (scaled, Q4_RAW);
+// xs: x's sums per group.
 static inline void q4_block(const uint32_t* b, int64_t K, int64_t G, const float* x0, const float* x1,
                             const float* xs0, const float* xs1, int two, int prefetch,
                             const void* sz, int f32, int64_t n0, float* y0, float* y1, const float* bias) {
-  const __m512 tab = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  __m512 t0[4], t1[4];
-  for (int j = 0; j < 4; ++j) t0[j] = t1[j] = _mm512_setzero_ps();
+  v16 t0[4], t1[4];
+  for (int j = 0; j < 4; ++j) t0[j] = t1[j] = v_zero();
   for (int64_t g = 0; g < K / G; ++g) {
-    // one row: two accumulators per 16 rows (even and odd columns), so more FMAs are in flight
-    __m512 a0[8], a1[4];
-    for (int j = 0; j < 8; ++j) a0[j] = _mm512_setzero_ps();
-    for (int j = 0; j < 4; ++j) a1[j] = _mm512_setzero_ps();
+    v16 a0[4 * Q4_ACC], a1[4];  // one row: Q4_ACC accumulators per 16 rows (for columns t % Q4_ACC)
+    for (int j = 0; j < 4 * Q4_ACC; ++j) a0[j] = v_zero();
+    for (int j = 0; j < 4; ++j) a1[j] = v_zero();
     for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
       const uint32_t* c = b + k * 8;  // chunk k/8: 64 dwords
       if (prefetch) {
@@ -258,30 +237,31 @@ static inline void q4_block(const uint32_t* b, int64_t K, int64_t G, const float
         if (k == g * G) pf((const char*)sz + (n0 * (K / G) + g * 64) * (f32 ? 8 : 4), f32 ? 8 : 4);
       }
       for (int j = 0; j < 4; ++j) {
-        __m512i v = _mm512_loadu_si512(c + 16 * j);
+        v16i v = v_loadi(c + 16 * j);
         for (int t = 0; t < 8; ++t) {
-          __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * t), tab);
+          v16 w = v_nibble(v, t);
           if (two) {
-            a0[j] = _mm512_fmadd_ps(w, _mm512_set1_ps(x0[k + t]), a0[j]);
-            a1[j] = _mm512_fmadd_ps(w, _mm512_set1_ps(x1[k + t]), a1[j]);
+            a0[j] = v_fmadd(w, v_set1(x0[k + t]), a0[j]);
+            a1[j] = v_fmadd(w, v_set1(x1[k + t]), a1[j]);
           } else {
-            a0[2 * j + (t & 1)] = _mm512_fmadd_ps(w, _mm512_set1_ps(x0[k + t]), a0[2 * j + (t & 1)]);
+            a0[Q4_ACC * j + t % Q4_ACC] = v_fmadd(w, v_set1(x0[k + t]), a0[Q4_ACC * j + t % Q4_ACC]);
           }
         }
       }
     }
     for (int j = 0; j < 4; ++j) {
-      __m512 s, z;
-      ld_sz(sz, f32, n0 * (K / G) + g * 64 + 16 * j, &s, &z);
-      __m512 p = two ? a0[j] : _mm512_add_ps(a0[2 * j], a0[2 * j + 1]);
-      t0[j] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs0[g]), _mm512_fmadd_ps(p, s, t0[j]));
-      if (two) t1[j] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs1[g]), _mm512_fmadd_ps(a1[j], s, t1[j]));
+      v16 s, z;
+      v_sz(sz, f32, n0 * (K / G) + g * 64 + 16 * j, &s, &z);
+      if (Q4_RAW) z = v_fmadd(s, v_set1(-8.0f), z);  // sums of raw q: (q - 8) s + z = q s + (z - 8 s)
+      v16 p = two || Q4_ACC == 1 ? a0[j] : v_add(a0[Q4_ACC * j], a0[Q4_ACC * j + 1]);
+      t0[j] = v_fmadd(z, v_set1(xs0[g]), v_fmadd(p, s, t0[j]));
+      if (two) t1[j] = v_fmadd(z, v_set1(xs1[g]), v_fmadd(a1[j], s, t1[j]));
     }
   }
   for (int j = 0; j < 4; ++j) {
-    __m512 bj = bias ? _mm512_loadu_ps(bias + n0 + 16 * j) : _mm512_setzero_ps();
-    _mm512_storeu_ps(y0 + n0 + 16 * j, _mm512_add_ps(t0[j], bj));
-    if (two) _mm512_storeu_ps(y1 + n0 + 16 * j, _mm512_add_ps(t1[j], bj));
+    v16 bj = bias ? v_load(bias + n0 + 16 * j) : v_zero();
+    v_store(y0 + n0 + 16 * j, v_add(t0[j], bj));
+    if (two) v_store(y1 + n0 + 16 * j, v_add(t1[j], bj));
   }
 }
 
@@ -296,6 +276,12 @@ void q4_mm(const uint32_t* w, int64_t N, int64_t K, int64_t G, const float* x, i
       for (int64_t k = g * G; k < (g + 1) * G; ++k) a += x[m * K + k];
       xs[m * ng + g] = a;
     }
+  float* xq = 0;
+#if Q4_RAW
+  xq = (float*)malloc(M * K * sizeof(float));
+  for (int64_t i = 0; i < M * K; ++i) xq[i] = x[i] * q4_unit[i % 8];  // exact: powers of 2
+  x = xq;
+#endif
   if (M == 1) {
     #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t n0 = 0; n0 < N; n0 += 64)
@@ -312,6 +298,7 @@ void q4_mm(const uint32_t* w, int64_t N, int64_t K, int64_t G, const float* x, i
     }
   }
   free(xs);
+  free(xq);
 }
 
 void q4_mm_bf16(const uint32_t* w, int64_t N, int64_t K, int64_t G, const uint16_t* x, int64_t M,
@@ -332,11 +319,11 @@ void q4_unpack_f32(const uint32_t* w, int64_t N, int64_t K, int64_t G, const voi
     const uint32_t* b = w + n0 * K / 8;
     for (int64_t g = 0; g < K / G; ++g)
       for (int j = 0; j < 4; ++j) {
-        __m512 s, z;
+        v16 s, z;
         float sv[16], zv[16];
-        ld_sz(sz, f32, n0 * (K / G) + g * 64 + 16 * j, &s, &z);
-        _mm512_storeu_ps(sv, s);
-        _mm512_storeu_ps(zv, z);
+        v_sz(sz, f32, n0 * (K / G) + g * 64 + 16 * j, &s, &z);
+        v_store(sv, s);
+        v_store(zv, z);
         for (int i = 0; i < 16; ++i) {
           int64_t r = 16 * j + i;
           float* o = out + (n0 + r) * K;
@@ -385,12 +372,6 @@ void q4_unpack(const uint32_t* src, uint8_t* dst, int64_t N, int64_t K, int nt) 
 // (NULL: all). In fp32 as SDPA computes for fp32 inputs (scores, softmax, weighted sum); y is
 // rounded once. A row with nothing to attend gets zeros. Reading the bf16 cache directly saves
 // converting it to fp32 for SDPA at every step, which cost more than the attention itself.
-#include <math.h>
-
-static inline __m512 ld_bf16_part(const uint16_t* p, __mmask16 m) {  // up to 16 bf16 -> fp32, zeros past m
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
 void attn1_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint8_t* mask,
                 int64_t B, int64_t H, int64_t S, int64_t D, float scale, uint16_t* y, int nt) {
   #pragma omp parallel for schedule(static) num_threads(nt)
@@ -398,7 +379,8 @@ void attn1_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const u
     const uint16_t* kh = k + bh * S * D;
     const uint16_t* vh = v + bh * S * D;
     const uint8_t* mk = mask ? mask + (bh / H) * S : 0;
-    float* p = (float*)malloc((S + D) * sizeof(float));  // scores, then the output row
+    int64_t Dp = (D + 15) / 16 * 16;  // the output row is padded to whole vectors (zeros past D)
+    float* p = (float*)malloc((S + Dp) * sizeof(float));  // scores, then the output row
     float* o = p + S;
     float mx = -INFINITY;
     for (int64_t s = 0; s < S; ++s) {
@@ -406,15 +388,13 @@ void attn1_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const u
         p[s] = -INFINITY;
         continue;
       }
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-        a = _mm512_fmadd_ps(ld_bf16_part(kh + s * D + d, m), ld_bf16_part(q + bh * D + d, m), a);
-      }
-      p[s] = _mm512_reduce_add_ps(a) * scale;
+      vacc a = acc_zero();
+      for (int64_t d = 0; d < D; d += 16)
+        a = acc_fmadd(v_bf16_part(kh + s * D + d, D - d), v_bf16_part(q + bh * D + d, D - d), a);
+      p[s] = acc_sum(a) * scale;
       if (p[s] > mx) mx = p[s];
     }
-    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    for (int64_t d = 0; d < Dp; ++d) o[d] = 0.0f;
     if (mx != -INFINITY) {
       float tot = 0.0f;
       for (int64_t s = 0; s < S; ++s) {
@@ -423,11 +403,8 @@ void attn1_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const u
       }
       for (int64_t s = 0; s < S; ++s) {
         if (p[s] == 0.0f) continue;
-        __m512 w = _mm512_set1_ps(p[s]);
-        for (int64_t d = 0; d < D; d += 16) {
-          __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-          _mm512_mask_storeu_ps(o + d, m, _mm512_fmadd_ps(w, ld_bf16_part(vh + s * D + d, m), _mm512_maskz_loadu_ps(m, o + d)));
-        }
+        v16 w = v_set1(p[s]);
+        for (int64_t d = 0; d < D; d += 16) v_store(o + d, v_fmadd(w, v_bf16_part(vh + s * D + d, D - d), v_load(o + d)));
       }
       for (int64_t d = 0; d < D; ++d) o[d] /= tot;
     }
@@ -435,3 +412,10 @@ void attn1_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const u
     free(p);
   }
 }
+
+// The vector width this library was built for (build.py checks it is the ISA it asked for).
+#ifdef __AVX512F__
+int kernels_isa(void) { return 512; }
+#else
+int kernels_isa(void) { return 256; }
+#endif
