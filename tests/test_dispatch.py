@@ -175,3 +175,20 @@ def test_kernel_rows_sets_the_crossover():
             want = linear.unblocked_product(x, lay.weight, None, lay.fp32_extras()[1]).bfloat16()
         assert torch.equal(by_gemm, want)
     assert layout.BLOCK[torch.bfloat16] == lay.block
+
+
+def test_info_runtime_prints_the_machine_and_every_choice(monkeypatch, capsys):
+    from blip2.apps.cli.main import main
+
+    monkeypatch.setenv("BLIP2_DISPATCH", "torch,bf16.many=fp32")  # no measuring; one choice forced
+    assert main(["info", "--runtime", "--json"]) == 0
+    rt = json.loads(capsys.readouterr().out)
+    assert rt["threads"] == torch.get_num_threads() and rt["torch"] == torch.__version__
+    assert rt["kernels"].startswith(build.isa() or "none")
+    choices = {r["op"]: r["choice"] for r in rt["dispatch"]}
+    assert choices["bf16.many"] == "fp32" and choices["bf16.one"] == "mv" and set(choices) == set(dispatch.DEFAULTS)
+    assert main(["info", "--runtime"]) == 0
+    text = capsys.readouterr().out
+    assert "C kernels" in text and "bf16.many" in text and "BLIP2_DISPATCH" in text
+    assert main(["info"]) == 2  # neither a model nor --runtime
+    assert "MODEL" in capsys.readouterr().err

@@ -22,7 +22,8 @@ faster, torch's runs, so the backend is never slower than torch on any CPU.
 The choices are cached per CPU model + flags, torch version, kernel ISA and thread count, under
 ~/.cache/blip2/dispatch (or $BLIP2_KERNEL_CACHE/../dispatch), and `blip2 info --runtime` prints them
 with the timings that decided them. BLIP2_DISPATCH="bf16.many=fp32,sdpa.bf16=bf16" forces choices
-(tests use `force`); BLIP2_DISPATCH=torch takes torch's path for every op without measuring.
+(tests use `force`); BLIP2_DISPATCH=torch takes torch's path for every op without measuring
+("torch,bf16.many=fp32": all torch's but one).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def cache_key() -> str:
     nt = torch.get_num_threads()
     key = _keys.get(nt)
     if key is None:
-        parts = [build._cpu_info(), torch.__version__, str(kernel_isa()), str(nt)]
+        parts = [build._cpu_info(), torch.__version__, str(build.isa()), str(nt)]
         key = _keys[nt] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return key
 
@@ -108,11 +109,6 @@ def cache_key() -> str:
 def cache_file(key: str | None = None) -> Path:
     """Where this machine's choices are kept."""
     return build._cache_dir().parent / "dispatch" / f"{key or cache_key()}.json"
-
-
-def kernel_isa() -> str | None:
-    """The instruction set the C kernels were built for here, or None without them."""
-    return build.isa() if hasattr(build, "isa") else ("avx512" if build.lib() is not None else None)
 
 
 def forget() -> None:
@@ -155,7 +151,7 @@ def _save(key: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "isa": kernel_isa(),
+        tmp.write_text(json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "isa": build.isa(),
                                    "threads": torch.get_num_threads(), "choices": _choices,
                                    "timings": _timings}, indent=1))
         os.replace(tmp, path)
@@ -171,13 +167,13 @@ def _env() -> dict[str, str]:
     global _env_parsed
     spec = os.environ.get("BLIP2_DISPATCH", "").strip()
     if spec != _env_parsed[0]:
-        if spec == "torch":
-            out = {op: str(v) for op, v in DEFAULTS.items()}
-        else:
-            out = {}
-            for item in filter(None, (s.strip() for s in spec.split(","))):
+        out: dict[str, str] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            if item == "torch":  # torch's path for every op (later items still override)
+                out.update((op, str(v)) for op, v in DEFAULTS.items())
+            else:
                 op, _, val = item.partition("=")
-                out[op] = val
+                out[op.strip()] = val.strip()
         _env_parsed = (spec, out)
     return _env_parsed[1]
 

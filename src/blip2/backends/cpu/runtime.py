@@ -39,7 +39,7 @@ def describe(measure: bool = True, recalibrate: bool = False) -> dict:
     machine); recalibrate: forget this machine's cached choices first."""
     if recalibrate:
         dispatch.forget()
-    isa = dispatch.kernel_isa()
+    isa = build.isa()
     return {
         "cpu": dispatch.cpu_model() or platform.processor() or platform.machine(),
         "machine": platform.machine(),
@@ -47,7 +47,7 @@ def describe(measure: bool = True, recalibrate: bool = False) -> dict:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "kernels": isa or "none (torch's kernels everywhere)",
+        "kernels": f"{isa} ({build.isa_reason()})" if isa else f"none: torch's kernels everywhere ({build.isa_reason()})",
         "dispatch": dispatch.report(measure),
         "dispatch_cache": str(dispatch.cache_file()),
     }
