@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from blip2.backends.cpu import dispatch
-from blip2.backends.cpu.bf16 import MANY_ROWS
 from blip2.backends.cpu.linear import Linear
 
-FP32 = {"bf16.many": "fp32", "bf16.one": "mv"}  # the paths a CPU that emulates bf16 takes
-BF16 = {"bf16.many": "bf16", "bf16.one": "linear"}  # those of a CPU with fast bf16 GEMMs
+MANY_ROWS = 16
+FP32 = {"bf16.many": MANY_ROWS, "bf16.one": "mv"}  # a CPU that emulates bf16: fp32 from 16 rows
+BF16 = {"bf16.many": 0, "bf16.one": "linear"}  # a CPU with fast bf16 GEMMs: never fp32
 
 
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 300])

@@ -4,8 +4,10 @@ Whether bf16 matrix products run faster in bf16 or in fp32 depends on the CPU, a
 tell (dispatch.py): oneDNN's bf16 GEMM is several times fp32's speed with AMX, but where bf16 is
 emulated it is a fraction of it (a 257x1408 @ 1408x6144 product: 73 ms in bf16, 16 ms in fp32 on
 an AVX-512 VM without bf16 instructions), and on a VM that reports AVX512_BF16 but hides AMX it was
-still 1.6x slower. So `bf16.many` is measured: where fp32 wins, the backend's layers compute
-products with many rows in fp32 from the bf16 weights. Products of two bf16 numbers are exact in
+still 1.6x slower for an image's 257 rows (yet faster for a prompt's 33). So `bf16.many` is
+measured: from the row count where fp32 wins, the backend's layers compute products in fp32 from
+the bf16 weights, upcast into a reused buffer (a fresh fp32 copy of a weight costs 7x the copy into
+a warm buffer: page faults). Products of two bf16 numbers are exact in
 fp32 and both paths accumulate in fp32, so only the summation order differs.
 """
 
@@ -18,23 +20,34 @@ import torch.nn.functional as F
 
 from . import dispatch
 
-MANY_ROWS = 16  # from this many rows a bf16 product counts as `bf16.many` (measured crossover, 2-core AVX-512 VM)
+def _measure_many() -> tuple[int, dict[str, float]]:
+    """The fewest rows from which fp32 beats bf16 on a ViT-g-sized weight (4224 x 1408, its fused
+    q/k/v): 256 rows first (an image is 257 tokens), then halving while fp32 still wins; 0 if it does
+    not win at 256. Prefill of a short prompt (tens of rows) may stay in bf16 while the ViT goes fp32."""
+    w = dispatch.synthetic(4224, 1408, scale=0.02)
+    times: dict[str, float] = {}
+    rows = 0
+    for m in (256, 128, 64, 32, 16):
+        x = dispatch.synthetic(m, 1408, seed=m)
+        t = dispatch.measure({"bf16": lambda: F.linear(x, w),
+                              "fp32": lambda: F.linear(x.float(), fp32_weight(w)).to(torch.bfloat16)},
+                             budget_s=0.6)
+        times[f"bf16@{m}"], times[f"fp32@{m}"] = t["bf16"], t["fp32"]
+        if dispatch.pick(t, "bf16") != "fp32":
+            break
+        rows = m
+    return rows, times
 
 
-def _measure_many() -> tuple[str, dict[str, float]]:
-    """Prefill / vision: 128 rows (a ViT-g image is 257) against a 2048x2048 weight."""
-    w, x = dispatch.synthetic(2048, 2048, scale=0.02), dispatch.synthetic(128, 2048, seed=1)
-    times = dispatch.measure({"bf16": lambda: F.linear(x, w),
-                              "fp32": lambda: F.linear(x.float(), fp32_weight(w)).to(torch.bfloat16)})
-    return dispatch.pick(times, "bf16"), times
-
-
-dispatch.register("bf16.many", "bf16", _measure_many)
+dispatch.register("bf16.many", 0, _measure_many)
 
 
 def fp32_faster(x: torch.Tensor) -> bool:
-    """x is bf16 on a CPU where bf16 products with many rows run faster in fp32 (as measured)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and dispatch.choice("bf16.many") == "fp32"
+    """x is bf16 on CPU with enough rows that its product runs faster in fp32 here (as measured)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return False
+    rows = int(dispatch.choice("bf16.many"))
+    return 0 < rows <= x.numel() // x.shape[-1]
 
 
 _scratch = threading.local()

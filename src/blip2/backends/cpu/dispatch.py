@@ -10,7 +10,9 @@ faster, torch's runs, so the backend is never slower than torch on any CPU.
     op                where                  candidates (torch's own first)
     bf16.one          1-row products         mv: torch.mv | linear: F.linear in bf16 | kernel: kernels.c
                                              on blocked weights (bf16 weights are blocked only if it wins)
-    bf16.many         >= 16 rows             bf16: F.linear in bf16 (oneDNN) | fp32: one fp32 GEMM
+    bf16.many         products of many rows  the fewest rows (16 ... 256) from which one fp32 GEMM (the
+                                             weight upcast into a reused buffer) beats F.linear in bf16
+                                             (oneDNN); 0: never
     bf16.kernel_rows  blocked weights        the most rows (2..64) for which the blocked kernel beats
                                              unblocking the weight for the `bf16.many` path
     sdpa.bf16         attention, many rows   bf16: SDPA in bf16 | fp32: SDPA on fp32 copies
@@ -21,9 +23,9 @@ faster, torch's runs, so the backend is never slower than torch on any CPU.
 
 The choices are cached per CPU model + flags, torch version, kernel ISA and thread count, under
 ~/.cache/blip2/dispatch (or $BLIP2_KERNEL_CACHE/../dispatch), and `blip2 info --runtime` prints them
-with the timings that decided them. BLIP2_DISPATCH="bf16.many=fp32,sdpa.bf16=bf16" forces choices
+with the timings that decided them. BLIP2_DISPATCH="bf16.many=16,sdpa.bf16=bf16" forces choices
 (tests use `force`); BLIP2_DISPATCH=torch takes torch's path for every op without measuring
-("torch,bf16.many=fp32": all torch's but one).
+("torch,bf16.many=64": all torch's but one).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -41,6 +44,7 @@ import torch
 
 from . import build
 
+FORMAT = "2"  # of the cached choices; part of the key
 MARGIN = 0.9  # a candidate other than torch's default must take under 90% of its time
 DEFAULTS: dict[str, object] = {}  # op -> torch's path (filled by `register`)
 
@@ -52,22 +56,31 @@ _loaded_key: str | None = None
 
 
 # --- timing ---
-def measure(candidates: dict[str, Callable[[], object]], reps: int = 9, budget_s: float = 1.0) -> dict[str, float]:
-    """Each candidate's best wall time in seconds. The candidates take turns (after one warm-up
-    call each), so a burst of load from another process hits them alike, and the best of several
-    turns is what the CPU can do; it stops early once budget_s is spent."""
+def measure(candidates: dict[str, Callable[[], object]], reps: int = 11, budget_s: float = 1.5) -> dict[str, float]:
+    """Seconds per call of each candidate; the first is the reference (torch's path).
+
+    The candidates take turns, round after round (after one warm-up call each), and each is scored
+    against the reference in the same round: its time is the reference's best time times the median
+    of its per-round ratios to the reference. On a machine busy with other work, a burst of load
+    hits one call and not its neighbour, and the median ignores it; steady load slows both alike,
+    and the ratio keeps. Stops early once budget_s is spent (at least 3 rounds)."""
     for fn in candidates.values():
         fn()
-    best = dict.fromkeys(candidates, float("inf"))
+    names = list(candidates)
+    rounds: list[dict[str, float]] = []
     t_end = time.perf_counter() + budget_s
-    for _ in range(reps):
-        for name, fn in candidates.items():
+    for i in range(reps):
+        r = {}
+        for name in (names if i % 2 == 0 else names[::-1]):  # alternate the order: no one always goes first
             t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-        if time.perf_counter() > t_end:
+            candidates[name]()
+            r[name] = time.perf_counter() - t
+        rounds.append(r)
+        if i >= 2 and time.perf_counter() > t_end:
             break
-    return best
+    ref = names[0]
+    best = min(r[ref] for r in rounds)
+    return {n: best * statistics.median(r[n] / r[ref] for r in rounds) for n in names}
 
 
 def pick(times: dict[str, float], default: str) -> str:
@@ -101,7 +114,7 @@ def cache_key() -> str:
     nt = torch.get_num_threads()
     key = _keys.get(nt)
     if key is None:
-        parts = [build._cpu_info(), torch.__version__, str(build.isa()), str(nt)]
+        parts = [FORMAT, build._cpu_info(), torch.__version__, str(build.isa()), str(nt)]
         key = _keys[nt] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return key
 
@@ -138,9 +151,10 @@ def _load(key: str) -> None:
     _loaded_key = key
     try:
         data = json.loads(cache_file(key).read_text())
-        for op in DEFAULTS:
-            if op in data.get("choices", {}):
-                _choices[op] = data["choices"][op]
+        for op, default in DEFAULTS.items():
+            value = data.get("choices", {}).get(op)
+            if type(value) is type(default):  # a choice of another kind (an older file): measure again
+                _choices[op] = value
                 _timings[op] = data.get("timings", {}).get(op, {})
     except (OSError, ValueError, AttributeError):
         pass  # no cache yet, or an unreadable one: measure again
@@ -220,7 +234,7 @@ def report(measure: bool = True) -> list[dict]:
 
 @contextlib.contextmanager
 def force(**choices) -> Iterator[None]:
-    """Force choices inside a block (tests): force(**{"bf16.many": "fp32"})."""
+    """Force choices inside a block (tests): force(**{"bf16.many": 16})."""
     saved = dict(_forced)
     _forced.update(choices)
     try:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dispatch, kernels
-from .bf16 import MANY_ROWS, fp32_faster, fp32_weight, scratch
+from .bf16 import fp32_faster, fp32_weight, scratch
 from .build import lib
 from .layout import BLOCK, fits
 
@@ -236,7 +236,7 @@ class Linear(Blocked, nn.Linear):
                 x1 = x.reshape(-1)
                 y = torch.mv(self.weight, x1) if self.bias is None else torch.addmv(self.bias, self.weight, x1)
                 return y.view(*x.shape[:-1], -1)
-            if rows >= MANY_ROWS and fp32_faster(x):
+            if fp32_faster(x):
                 b = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), fp32_weight(self.weight), b).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
