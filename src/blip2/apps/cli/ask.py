@@ -9,14 +9,19 @@ import argparse
 import torch
 
 from ... import Blip2ForConditionalGeneration, ImageLoadError
+from ..jobs import cli as jobs_cli
 from .common import (
-    TooLong, args_model_dir, check_template, decode, fit_prompt, gen_kwargs, load, options, pixels, short,
+    TooLong, UsageError, args_model_dir, check_template, decode, fit_prompt, gen_kwargs, load, options, pixels, short,
 )
 from .inputs import Report, batches, open_image
 from .sink import Sink
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:  # a dataset job on Ray Data (apps/jobs)
+        return jobs_cli.run(args)
+    if not args.questions:
+        raise UsageError("give at least one QUESTION (or --ray with a table that has a question column)")
     check_template(args.template)
     args_model_dir(args)
     questions = list(dict.fromkeys(args.questions))  # a question asked twice is answered once

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from ... import Blip2ForConditionalGeneration
+from ..jobs import cli as jobs_cli
 from .common import (
     TooLong, UsageError, args_model_dir, decode, fit_prompt, gen_kwargs, load, options, pixels, short,
 )
@@ -21,6 +22,8 @@ def _text(rec: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:  # a dataset job on Ray Data (apps/jobs)
+        return jobs_cli.run(args)
     args_model_dir(args)  # an unusable --model fails first, before any input is read
     srcs, bad = expand_inputs(args.paths)
     with Sink(args, fields=(), text=_text) as sink:

@@ -14,12 +14,15 @@ import torch
 from ... import Blip2Model, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
 from ...checkpoint.header import read_header
 from ...checkpoint.reader import checkpoint_files
+from ..jobs import cli as jobs_cli
 from .common import DEFAULT_ITM_MODEL, UsageError, args_model_dir, fit_texts, load, pixels, short, text_ids
 from .inputs import Report, batches, expand_inputs, load_images
 from .sink import dumps, writable, write_atomic
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:  # a dataset job on Ray Data (apps/jobs)
+        return jobs_cli.run(args)
     out = Path(args.output)
     fmt = out.suffix.lower()
     if fmt not in (".npy", ".parquet"):

@@ -27,6 +27,7 @@ from ...checkpoint.configuration import ConfigError
 from ...checkpoint.header import HeaderError
 from ...processing.image_load import max_image_pixels
 from . import ask, caption, embed, info, match
+from ..jobs.cli import ray_options
 from .common import DEFAULT_ITM_MODEL, DEFAULT_LM_MODEL, UsageError, pick_device
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -40,7 +41,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 # Commands that live in their own module with `add_parser(sub, at_least, in_range)` and `run(args)`.
 # Such a module imports its heavy dependencies (FastAPI, Ray, faiss) inside `run`, so building the
 # parser stays cheap and `blip2 caption` never imports a server.
-PLUGIN_COMMANDS: tuple[str, ...] = ("serve",)
+PLUGIN_COMMANDS: tuple[str, ...] = ("serve", "index")
 
 
 def at_least(lo: int) -> Callable[[str], int]:
@@ -111,16 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     generation(p)
     truncate(p, "a --prompt")
     common(p, DEFAULT_LM_MODEL)
+    ray_options(p, at_least, in_range)
 
     p = sub.add_parser("ask", help="ask questions about one image (encoded once)")
     p.add_argument("image")
-    p.add_argument("questions", nargs="+", metavar="QUESTION")
+    p.add_argument("questions", nargs="*", metavar="QUESTION")
     p.add_argument("--template", default="Question: {} Answer:",
                    help="prompt format: exactly one {} (the question); write literal braces as {{ }}")
     generation(p)
     truncate(p, "questions")
     p.set_defaults(max_new_tokens=20)
     common(p, DEFAULT_LM_MODEL, batch_help="questions decoded together (the image is encoded once)")
+    ray_options(p, at_least, in_range)
 
     p = sub.add_parser("match", help="ITM probability and ITC similarity for every image x text")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(demo_kind="retrieval")
     p.add_argument("--output", "-o", required=True,
                    help="FILE.npy (+ FILE.json of ids; FILE.image.npy / FILE.text.npy when both) or FILE.parquet")
+    ray_options(p, at_least, in_range)
 
     p = sub.add_parser("info", help="what a checkpoint is (architecture, parts, parameters, dtype, files); "
                        "with --runtime, what the CPU backend does on this machine")
