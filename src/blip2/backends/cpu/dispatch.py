@@ -21,7 +21,8 @@ faster, torch's runs, so the backend is never slower than torch on any CPU.
     int8.one, int4.one  1-row products       torch: _weight_int8pack_mm / _weight_int4pack_mm_for_cpu |
                                              kernel: kernels.c on blocked weights (blocked only if it wins)
 
-The choices are cached per CPU model + flags, torch version, kernel ISA and thread count, under
+Candidates are timed on one thread (see one_thread: far steadier on a busy machine). The choices
+are cached per CPU model + flags, torch version and kernel ISA, under
 ~/.cache/blip2/dispatch (or $BLIP2_KERNEL_CACHE/../dispatch), and `blip2 info --runtime` prints them
 with the timings that decided them. BLIP2_DISPATCH="bf16.many=16,sdpa.bf16=bf16" forces choices
 (tests use `force`); BLIP2_DISPATCH=torch takes torch's path for every op without measuring
@@ -44,7 +45,7 @@ import torch
 
 from . import build
 
-FORMAT = "2"  # of the cached choices; part of the key
+FORMAT = "3"  # of the cached choices; part of the key
 MARGIN = 0.9  # a candidate other than torch's default must take under 90% of its time
 DEFAULTS: dict[str, object] = {}  # op -> torch's path (filled by `register`)
 
@@ -106,17 +107,31 @@ def synthetic(*shape: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
 
 
 # --- the cache ---
-_keys: dict[int, str] = {}  # thread count -> key (a choice is looked up on every product)
+_key: str | None = None  # a choice is looked up on every product: the key is made once
 
 
 def cache_key() -> str:
-    """What the choices depend on: the CPU (model and flags), torch, the kernels' ISA, the threads."""
-    nt = torch.get_num_threads()
-    key = _keys.get(nt)
-    if key is None:
-        parts = [FORMAT, build._cpu_info(), torch.__version__, str(build.isa()), str(nt)]
-        key = _keys[nt] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return key
+    """What the choices depend on: the CPU (model and flags), torch, the kernels' ISA."""
+    global _key
+    if _key is None:
+        parts = [FORMAT, build._cpu_info(), torch.__version__, str(build.isa())]
+        _key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return _key
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Measure on one thread. With several, a parallel region waits for its slowest thread, and on a
+    machine busy with other processes each region of a few ms then loses a scheduler slice to one of
+    them (seen here: every candidate timed at ~8 ms whatever its work). One thread is preempted
+    too, but only for its own share, which the per-round ratios cancel. The candidates' kernels
+    scale alike with threads, so the faster one on one thread is the faster one on several."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def cache_file(key: str | None = None) -> Path:
@@ -166,7 +181,7 @@ def _save(key: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "isa": build.isa(),
-                                   "threads": torch.get_num_threads(), "choices": _choices,
+                                   "measured_on_threads": 1, "choices": _choices,
                                    "timings": _timings}, indent=1))
         os.replace(tmp, path)
     except OSError:
@@ -208,7 +223,7 @@ def choice(op: str):
         if op not in _choices:
             if torch.compiler.is_compiling():
                 return DEFAULTS[op]
-            with torch.no_grad():
+            with torch.no_grad(), one_thread():
                 _choices[op], _timings[op] = _MEASURE[op]()
             _save(key)
         return _choices[op]
