@@ -102,6 +102,14 @@ def test_answers_consistent_with_scene():
                 assert a == NUM_WORD[sum(x.color == w[2] for x in objs)]
             elif q.startswith("how many"):
                 assert a == NUM_WORD[sum(x.shape + "s" == w[2] for x in objs)]
+            elif q.startswith("is there a "):
+                assert a == ("yes" if any((x.color, x.shape) == (w[-2], w[-1]) for x in objs) else "no")
+            elif q.startswith("where is the "):
+                (m,) = [x for x in objs if (x.color, x.shape) == (w[-2], w[-1])]
+                dx, dy = m.x - 0.5, m.y - 0.5
+                want = {"left": -dx, "right": dx, "top": -dy, "bottom": dy}
+                assert want[a] >= 0.15 and all(want[a] >= 2 * abs(v) for k, v in want.items()
+                                               if k != a and {k, a} not in ({"left", "right"}, {"top", "bottom"}))
             else:
                 raise AssertionError(q)
             kinds[" ".join(w[:2])] += 1
@@ -110,7 +118,11 @@ def test_answers_consistent_with_scene():
             n = sum(o.shape == shape for o in objs)
             assert (f"what color is the {shape}?" in dict(qa)) == (n == 1)
             assert dict(qa)[f"how many {S.PLURAL[shape]} are there?"] == NUM_WORD[n]
-    assert {"what color", "what shape", "how many"} <= set(kinds)
+        yn = [a for q, a in qa if q.startswith("is there")]
+        assert sorted(yn) == ["no", "yes"]  # one of each per scene: the answers are balanced
+    assert {"what color", "what shape", "how many", "is there", "where is"} <= set(kinds)
+    # the question kinds the first demo model knew come first (callers take the first few)
+    assert all(S.questions(s)[0][0].startswith(("what", "how")) for s in S.dataset(20, seed=2))
 
 
 def _near(img: np.ndarray, rgb, tol=45) -> np.ndarray:
@@ -144,9 +156,9 @@ def test_shapes_differ_in_pixels():
         sc = S.Scene((S.Obj(shape, "red", "large", 0.5, 0.5, S.COLORS["red"]),), "white", 0)
         areas[shape] = _near(np.asarray(S.render(sc, size)), S.COLORS["red"]).sum()
     r = S.RADIUS["large"] * size
-    np.testing.assert_allclose(areas["circle"], np.pi * r * r, rtol=0.05)
+    np.testing.assert_allclose(areas["circle"], np.pi * (r + 0.5) ** 2, rtol=0.05)  # PIL's box holds both ends
     np.testing.assert_allclose(areas["square"], (2 * 0.82 * r) ** 2, rtol=0.05)
-    np.testing.assert_allclose(areas["triangle"], 3 * np.sqrt(3) / 4 * r * r, rtol=0.08)
+    np.testing.assert_allclose(areas["triangle"], 3 * np.sqrt(3) / 4 * (r + 1) ** 2, rtol=0.08)  # edges drawn in full
 
 
 def test_write_jsonl(tmp_path):
@@ -162,3 +174,62 @@ def test_write_jsonl(tmp_path):
         assert img.size == (32, 32) and img.mode == "RGB"
         assert np.array_equal(np.asarray(img), np.asarray(S.render(s, 32)))
     assert {q["image"] for q in qas} == {c["image"] for c in caps}
+
+
+def test_styles_change_pixels_not_truth():
+    plain = S.dataset(40, seed=9)
+    styled = S.dataset(40, seed=9, style=S.SHIFT_STYLE)
+    assert all(s.look != S.Look() for s in styled) and all(s.look == S.Look() for s in plain)
+    assert any(o.outline for s in styled for o in s.objects) and any(o.angle for s in styled for o in s.objects)
+    for s in styled[:12]:
+        img = S.render(s, 96)
+        w, h = S.canvas(s.look, 96)
+        assert img.size == (w, h) and min(w, h) == max(8, round(96 * s.look.scale))
+        assert np.array_equal(np.asarray(img), np.asarray(S.render(s, 96)))  # deterministic, noise and JPEG too
+    touching = [o for s in styled for o in s.objects if min(o.x, o.y, 1 - o.x, 1 - o.y) < S.RADIUS[o.size]]
+    assert touching  # SHIFT_STYLE puts some shapes against the border
+    # an outline covers less of the canvas than the solid shape
+    o = S.Obj("square", "red", "large", 0.5, 0.5, S.COLORS["red"])
+    solid, ring = (np.asarray(S.render(S.Scene((x,), "white", 0), 128)) for x in (o, S.Obj(**{**o.__dict__, "outline": True})))
+    assert 0.1 * _near(solid, S.COLORS["red"]).sum() < _near(ring, S.COLORS["red"]).sum() < 0.6 * _near(solid, S.COLORS["red"]).sum()
+    styled_train = S.dataset(200, seed=9, style=S.TRAIN_STYLE)
+    assert 0.15 < sum(s.look != S.Look() for s in styled_train) / 200 < 0.45  # a share, not all
+
+
+def test_new_kinds_for_finetuning():
+    new = (("star", "purple"),)
+    ds = S.dataset(200, seed=5, new_kinds=new, new_p=0.4)
+    stars = [s for s in ds if any(o.shape == "star" for o in s.objects)]
+    assert len(stars) > 50 and all(o.color == "purple" for s in stars for o in s.objects if o.shape == "star")
+    assert all(o.shape not in S.EXTRA_SHAPES for s in S.dataset(200, seed=5) for o in s.objects)
+    s = next(x for x in stars if len({o.shape for o in x.objects}) > 1)
+    assert "purple star" in S.caption(s)
+    assert ("how many stars are there?", NUM_WORD[sum(o.shape == "star" for o in s.objects)]) in S.questions(s)
+    img = np.asarray(S.render(s, 96))
+    assert _near(img, S.EXTRA_COLORS["purple"]).sum() > 20
+
+
+def test_phrasings_are_true_of_their_scene_and_not_of_most_others():
+    from blip2.apps.demo import phrasing as P
+    ds = S.dataset(120, seed=6)
+    rng = random.Random(0)
+    train_words, held_texts = set(), set()
+    for fam in P.FAMILIES:
+        for split in ("train", "held"):
+            share = []
+            for s in ds[:60]:
+                text, q = P.describe(s, rng, fam, split)
+                assert P.holds(q, s), (text, q)
+                share.append(sum(P.holds(q, x) for x in ds) / len(ds))
+                if split == "train":
+                    train_words |= set(text.lower().replace(",", " ").split())
+                else:
+                    held_texts.add(text.lower())
+            assert np.mean(share) < (0.4 if fam in ("partial", "case") else 0.05), (fam, split, np.mean(share))
+    assert P.holds(P.Query(((None, None, "red", "circle"),)), S.Scene((S.Obj("circle", "red", "small", .5, .5, (0, 0, 0)),), "white", 0))
+    two = S.Scene(tuple(S.Obj("square", "blue", "large", x, .5, (0, 0, 0)) for x in (.2, .8)), "white", 0)
+    assert P.holds(P.Query(((2, None, None, "square"),)), two) and not P.holds(P.Query(((1, None, None, "square"),)), two)
+    assert P.holds(P.Query((), total=2), two) and not P.holds(P.Query((), total=3), two)
+    # held-out phrasings use the training words only, in forms training never uses
+    assert all(w.strip(".!?") in train_words | {""} for t in held_texts for w in t.replace(",", " ").split())
+    assert not any(t.startswith(("a photo with", "the picture shows", "an image with")) for t in train_words)

@@ -328,3 +328,66 @@ def test_embed_cache_reads_no_images(data_dir, monkeypatch):
     monkeypatch.setattr(m.vision_model, "forward", no)
     b = image_embeds(m.vision_model, exs[::-1], proc.image_processor, torch.device("cpu"), embed_cache=store)
     assert torch.equal(b, a.flip(0))
+
+
+# --- CSV data, stage-1 matches, partial unfreezing, LoRA --------------------------------------------
+
+def test_read_csv(data_dir, tmp_path):
+    from blip2.train import load_data, read_csv
+
+    caps = [json.loads(x) for x in (data_dir / "captions.jsonl").read_text().splitlines()[:3]]
+    rows = ["image,text,notes"] + [f'{data_dir / c["image"]},"{c["text"]}, indeed",x' for c in caps]
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    ds = load_data(tmp_path / "c.csv")
+    assert [ex.text for ex in ds] == [c["text"] + ", indeed" for c in caps]  # quoted commas stay in the text
+    assert ds[0].image == data_dir / caps[0]["image"] and ds[1].where.endswith("c.csv:3")
+    (tmp_path / "q.csv").write_text(f"image,question,answer\n{data_dir / caps[0]['image']},how many?,two\n")
+    assert read_csv(tmp_path / "q.csv")[0].answer == "two"
+    (tmp_path / "h.csv").write_text("path,caption\nx.png,a cat\n")
+    with pytest.raises(DataError, match=r"h\.csv:1: the header needs"):
+        read_csv(tmp_path / "h.csv")
+    (tmp_path / "m.csv").write_text(f"image,text\n{tmp_path / 'missing.png'},a cat\n")
+    with pytest.raises(DataError, match=r"m\.csv:2"):
+        read_csv(tmp_path / "m.csv")
+    assert read_csv(tmp_path / "m.csv", skip_bad=True).skipped == 1
+
+
+def test_stage1_matches_marks_more_positives(data_dir):
+    from blip2.train.batches import stage1_text
+
+    exs = read_jsonl(data_dir / "captions.jsonl")[:4]
+    plain = stage1_text(exs, qformer_processor().tokenizer, 16)["positives"]
+    # a text that "holds" of every image whose caption shares its first word
+    marked = stage1_text(exs, qformer_processor().tokenizer, 16,
+                         matches=lambda im, tx: im.text.split()[0] == tx.text.split()[0])["positives"]
+    want = torch.tensor([[a.text.split()[0] == b.text.split()[0] for b in exs] for a in exs])
+    assert torch.equal(marked, plain | want) and marked.diagonal().all()
+
+
+def test_unfreeze_trains_only_the_named_frozen_weights(data_dir, tmp_path):
+    from blip2.train import add_lora, merge_lora
+
+    proc = opt_processor()
+    data = read_jsonl(data_dir / "captions.jsonl")
+    m = stage2_model(proc)
+    names = add_lora(m.language_model, ("q_proj", "fc2"), rank=2, alpha=4)
+    assert names and all(n.endswith(("q_proj", "fc2")) for n in names)
+    x = lm_batch(data[:4], proc, _cfg(tmp_path), m.config)
+    m.eval()  # no dropout in the comparisons
+    with torch.no_grad():
+        before_out = m(**x).logits  # B starts at zero: the adapters change nothing yet
+    sd0 = _sd(m)
+    train(m, proc, data, _cfg(tmp_path, max_steps=4, unfreeze=("lora_",), log_every=0))
+    sd1 = _sd(m)
+    changed = {k for k in sd0 if not torch.equal(sd0[k], sd1[k])}
+    lm = {k for k in changed if k.startswith("language_model.")}
+    assert lm and all("lora_" in k for k in lm)  # in the LM only the adapters moved
+    assert not any(k.startswith("vision_model.") for k in changed)
+    m.eval()
+    with torch.no_grad():
+        wrapped = m(**x).logits
+    assert not torch.allclose(wrapped, before_out)
+    assert merge_lora(m) == len(names)
+    assert not any("lora_" in k or ".base." in k for k in m.state_dict())  # the original keys again
+    with torch.no_grad():
+        torch.testing.assert_close(m(**x).logits, wrapped, rtol=1e-4, atol=1e-5)  # merged = wrapped

@@ -10,6 +10,8 @@ language model's, in the layout generate() sees (the prompt, then the new tokens
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -57,12 +59,16 @@ def image_embeds(vision_model: nn.Module, examples: list[Example], image_process
     return torch.stack([embed_cache[ex.image] for ex in examples])
 
 
-def stage1_text(examples: list[Example], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+def stage1_text(examples: list[Example], tokenizer, max_length: int,
+                matches: Callable[[Example, Example], bool] | None = None) -> dict[str, torch.Tensor]:
     """Q-Former text (input_ids, attention_mask) and `positives` (B, B): the pairs that match
-    besides the diagonal (the same image file or the same caption twice in one batch)."""
+    besides the diagonal (the same image file or the same caption twice in one batch, or where
+    matches(image example i, text example j) says that text j is true of image i, e.g. a partial
+    description such as "a circle" of every image with a circle)."""
     texts = [ex.text if ex.text is not None else f"{ex.question} {ex.answer}" for ex in examples]
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    same = [[a.image == b.image or ta == tb for b, tb in zip(examples, texts)] for a, ta in zip(examples, texts)]
+    same = [[a.image == b.image or ta == tb or (matches is not None and matches(a, b))
+             for b, tb in zip(examples, texts)] for a, ta in zip(examples, texts)]
     return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 positives=torch.tensor(same, dtype=torch.bool))
 
@@ -70,7 +76,7 @@ def stage1_text(examples: list[Example], tokenizer, max_length: int) -> dict[str
 def stage1_batch(examples: list[Example], processor, cfg, cache: dict | None = None) -> dict[str, torch.Tensor]:
     """pixel_values + stage1_text: the processor's tokenizer is the Q-Former's (BERT-style) one here."""
     return dict(pixel_values=pixel_values(examples, processor.image_processor, cache),
-                **stage1_text(examples, processor.tokenizer, cfg.max_length))
+                **stage1_text(examples, processor.tokenizer, cfg.max_length, getattr(cfg, "matches", None)))
 
 
 def _prompt_target(ex: Example, cfg) -> tuple[str, str]:

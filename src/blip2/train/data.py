@@ -4,6 +4,7 @@ and counted (skip_bad=True)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -54,37 +55,42 @@ def read_jsonl(path: str | os.PathLike, skip_bad: bool = False, check_images: bo
     skips the line and counts it (`Dataset.skipped`, `Dataset.skipped_lines`).
     """
     path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        return _read_lines(path, list(enumerate(f, 1)), skip_bad, check_images)
+
+
+def _read_lines(path: Path, lines: list[tuple[int, str]], skip_bad: bool, check_images: bool) -> Dataset:
+    """(line number, JSON text) pairs of `path` as Examples; image paths relative to path's folder."""
     root = path.parent
     out, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
+    for n, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+            raise DataError(f"{where}: each line needs an \"image\" path (a string)")
+        has_text = isinstance(rec.get("text"), str)
+        has_qa = isinstance(rec.get("question"), str) and isinstance(rec.get("answer"), str)
+        if not (has_text or has_qa):
+            raise DataError(f"{where}: each line needs \"text\", or \"question\" and \"answer\" (strings)")
+        img = root / rec["image"]
+        if check_images:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-                raise DataError(f"{where}: each line needs an \"image\" path (a string)")
-            has_text = isinstance(rec.get("text"), str)
-            has_qa = isinstance(rec.get("question"), str) and isinstance(rec.get("answer"), str)
-            if not (has_text or has_qa):
-                raise DataError(f"{where}: each line needs \"text\", or \"question\" and \"answer\" (strings)")
-            img = root / rec["image"]
-            if check_images:
-                try:
-                    _check_image(img)
-                except (ImageLoadError, OSError) as e:
-                    msg = f"{where}: cannot read image {img}: {e}"
-                    if not skip_bad:
-                        raise DataError(msg + " (pass skip_bad=True to skip such lines)") from e
-                    skipped.append(msg)
-                    continue
-            out.append(Example(img, rec.get("text") if has_text else None,
-                               rec["question"] if has_qa else None, rec["answer"] if has_qa else None, where))
+                _check_image(img)
+            except (ImageLoadError, OSError) as e:
+                msg = f"{where}: cannot read image {img}: {e}"
+                if not skip_bad:
+                    raise DataError(msg + " (pass skip_bad=True to skip such lines)") from e
+                skipped.append(msg)
+                continue
+        out.append(Example(img, rec.get("text") if has_text else None,
+                           rec["question"] if has_qa else None, rec["answer"] if has_qa else None, where))
     if skipped:
-        print(f"read_jsonl: skipped {len(skipped)} line(s) of {path} with unreadable images", file=sys.stderr)
+        print(f"{path.name}: skipped {len(skipped)} line(s) with unreadable images", file=sys.stderr)
     return Dataset(out, skipped)
 
 
@@ -117,6 +123,26 @@ def read_folder(path: str | os.PathLike, skip_bad: bool = False, check_images: b
     return Dataset(out, skipped)
 
 
+def read_csv(path: str | os.PathLike, skip_bad: bool = False, check_images: bool = True) -> Dataset:
+    """A CSV file with a header row naming its columns: image and text, or image, question and
+    answer (other columns are ignored); rows as read_jsonl reads lines."""
+    path = Path(path)
+    lines = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or ())
+        if "image" not in cols or not ({"text"} <= cols or {"question", "answer"} <= cols):
+            raise DataError(f"{path}:1: the header needs the columns image and text, or image, question and answer "
+                            f"(it has {', '.join(sorted(cols)) or 'none'})")
+        for row in reader:
+            rec = {k: row[k] for k in ("image", "text", "question", "answer") if row.get(k)}
+            lines.append(json.dumps(rec))  # the row as a JSONL line: one reader checks both formats
+    return _read_lines(path, list(enumerate(lines, 2)), skip_bad, check_images)
+
+
 def load_data(path: str | os.PathLike, skip_bad: bool = False) -> Dataset:
-    """A folder of images + captions, or a JSONL file."""
-    return read_folder(path, skip_bad) if Path(path).is_dir() else read_jsonl(path, skip_bad)
+    """A folder of images + captions, a CSV file (by its .csv suffix), or a JSONL file."""
+    p = Path(path)
+    if p.is_dir():
+        return read_folder(p, skip_bad)
+    return read_csv(p, skip_bad) if p.suffix.lower() == ".csv" else read_jsonl(p, skip_bad)

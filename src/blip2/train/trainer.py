@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,12 @@ class TrainConfig:
     cache_image_embeds: bool = False  # run the frozen image encoder once per image and keep its output
     flush_denormal: bool = True  # CPU: tiny gradients as denormal floats make matmuls several times slower
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with the state
+    # stage 1: matches(image example, text example) -> True where that text also holds of that
+    # image (besides the same image or the same text): those pairs are not ITC / ITM negatives
+    matches: Callable[[Example, Example], bool] | None = None
+    # stage 2 / caption: names of parameters of the frozen parts that train all the same (a
+    # parameter trains when its name contains one of them, e.g. "lora_" for LoRA adapters)
+    unfreeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -100,12 +106,16 @@ def frozen_parts(model: nn.Module, stage: str) -> list[nn.Module]:
     return parts
 
 
-def set_train_mode(model: nn.Module, stage: str) -> None:
-    """model.train(), then the frozen parts back to eval (no dropout) with requires_grad False."""
+def set_train_mode(model: nn.Module, stage: str, unfreeze: Sequence[str] = ()) -> None:
+    """model.train(), then the frozen parts back to eval (no dropout) with requires_grad False,
+    except the parameters whose names contain one of `unfreeze` (they train, in eval mode)."""
     model.train()
     for m in frozen_parts(model, stage):
         m.requires_grad_(False)
         m.eval()
+    for name, p in model.named_parameters():
+        if unfreeze and any(u in name for u in unfreeze):
+            p.requires_grad_(True)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -184,7 +194,7 @@ def make_batch(model: nn.Module, processor, examples: list[Example], cfg: TrainC
     """The model's inputs for a micro-batch: the frozen encoder's output (image_embeds) and the stage's text."""
     device = next(model.parameters()).device
     if cfg.stage == "stage1":
-        text = stage1_text(examples, processor.tokenizer, cfg.max_length)
+        text = stage1_text(examples, processor.tokenizer, cfg.max_length, cfg.matches)
     else:
         text = lm_text(examples, processor.tokenizer, cfg, model.config)
     with _autocast(device, cfg):
@@ -204,7 +214,7 @@ def run_state(cfg: TrainConfig, step: int, losses: list[float], order: DataOrder
     """What trainer_state.pt holds (state.py)."""
     return dict(stage=cfg.stage, step=step, epoch=order.epoch, pos=order.pos, perm=order.perm, losses=losses,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                rng=rng_state(gens), config=asdict(cfg))
+                rng=rng_state(gens), config=asdict(replace(cfg, matches=None)))  # a function is no state
 
 
 def _check(model: nn.Module, data: list[Example], cfg: TrainConfig) -> None:
@@ -244,7 +254,7 @@ def train(model: nn.Module, processor, data: list[Example], cfg: TrainConfig,
             "negatives": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
     if cfg.flush_denormal:
         torch.set_flush_denormal(True)  # process-wide; a no-op where the CPU cannot
-    set_train_mode(model, cfg.stage)
+    set_train_mode(model, cfg.stage, cfg.unfreeze)
     st = None
     if resume_from is not None:
         rd = latest_checkpoint(out_dir) if str(resume_from) == "latest" else Path(resume_from)

@@ -41,7 +41,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 # Commands that live in their own module with `add_parser(sub, at_least, in_range)` and `run(args)`.
 # Such a module imports its heavy dependencies (FastAPI, Ray, faiss) inside `run`, so building the
 # parser stays cheap and `blip2 caption` never imports a server.
-PLUGIN_COMMANDS: tuple[str, ...] = ("serve", "index")
+PLUGIN_COMMANDS: tuple[str, ...] = ("serve", "index", "finetune")
 
 
 def at_least(lo: int) -> Callable[[str], int]:

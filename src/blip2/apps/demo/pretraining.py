@@ -8,6 +8,7 @@ Both loops run on the trainer's machinery: its cosine schedule (lr_factor), its 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -26,7 +27,10 @@ from . import scenes
 from .shipped import QA_PROMPT
 
 KINDS = [(sh, c, sz) for sh in scenes.SHAPES for c in scenes.COLORS for sz in scenes.SIZES]  # 24
-COUNT_HEADS = [("shape", s) for s in scenes.SHAPES] + [("color", c) for c in scenes.COLORS] + [("all", None)]
+# the class token predicts these counts; the sizes' counts make it look at each object's extent,
+# which a patch inside an object cannot tell
+COUNT_HEADS = ([("shape", s) for s in scenes.SHAPES] + [("color", c) for c in scenes.COLORS]
+               + [("size", z) for z in scenes.SIZES] + [("all", None)])
 WEIGHT_DECAY = 0.05  # on every parameter, biases and norms too (the shipped model was trained so)
 
 
@@ -35,8 +39,11 @@ WEIGHT_DECAY = 0.05  # on every parameter, biases and norms too (the shipped mod
 def patch_targets(scene: scenes.Scene, grid: int, sub: int = 8) -> np.ndarray:
     """(grid*grid, 1+24): the fraction of each patch covered by background / each object kind."""
     S = grid * sub
-    lab = Image.new("L", (S, S), 0)
-    scenes.draw_objects(ImageDraw.Draw(lab), scene, S, fill=lambda i, o: 1 + KINDS.index((o.shape, o.color, o.size)))
+    w, h = scenes.canvas(replace(scene.look, scale=1.0), S)  # the scene's own aspect, squeezed to S x S below
+    lab = Image.new("L", (w, h), 0)
+    scenes.draw_objects(ImageDraw.Draw(lab), scene, w, h, fill=lambda i, o: 1 + KINDS.index((o.shape, o.color, o.size)))
+    if (w, h) != (S, S):  # as the image processor resizes the image
+        lab = lab.resize((S, S), Image.NEAREST)
     a = np.asarray(lab).reshape(grid, sub, grid, sub).transpose(0, 2, 1, 3).reshape(grid * grid, sub * sub)
     return np.eye(1 + len(KINDS), dtype=np.float32)[a].mean(axis=1)
 
@@ -44,10 +51,8 @@ def patch_targets(scene: scenes.Scene, grid: int, sub: int = 8) -> np.ndarray:
 def count_targets(scene: scenes.Scene) -> list[int]:
     out = []
     for kind, v in COUNT_HEADS:
-        if kind == "shape":
-            out.append(sum(o.shape == v for o in scene.objects))
-        elif kind == "color":
-            out.append(sum(o.color == v for o in scene.objects))
+        if kind in ("shape", "color", "size"):
+            out.append(sum(getattr(o, kind) == v for o in scene.objects))
         else:
             out.append(len(scene.objects))
     return out
