@@ -11,8 +11,10 @@ from typing import Any, Callable
 import torch
 
 from ... import Blip2Processor
+from ...checkpoint.header import read_header
 from ...checkpoint.hub import resolve_dir
 from ...checkpoint.pretrained import as_dtype
+from ...checkpoint.reader import checkpoint_files
 from ...models.prompt import image_prompt_batch
 from ..demo.shipped import demo_checkpoint
 
@@ -214,3 +216,9 @@ def options(args: argparse.Namespace) -> dict:
             o[k] = v
     o["dtype"] = args.dtype
     return o
+
+
+def has_keys(d: Path, prefix: str) -> bool:
+    """Whether the checkpoint in `d` holds tensors under `prefix` (read from file headers only)."""
+    files, fmt = checkpoint_files(d)
+    return fmt == "safetensors" and any(k.startswith(prefix) for f in files for k in read_header(f)[0])

@@ -12,10 +12,8 @@ import numpy as np
 import torch
 
 from ... import Blip2Model, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
-from ...checkpoint.header import read_header
-from ...checkpoint.reader import checkpoint_files
 from ..jobs import cli as jobs_cli
-from .common import DEFAULT_ITM_MODEL, UsageError, args_model_dir, fit_texts, load, pixels, short, text_ids
+from .common import DEFAULT_ITM_MODEL, UsageError, args_model_dir, fit_texts, has_keys, load, pixels, short, text_ids
 from .inputs import Report, batches, expand_inputs, load_images
 from .sink import dumps, writable, write_atomic
 
@@ -40,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if not srcs and not bad and not texts:
         raise UsageError("nothing to embed: give image paths and/or --text")
     with Report(len(srcs), bad) as rep:
-        retrieval = _has_keys(d, "vision_projection.")
+        retrieval = has_keys(d, "vision_projection.")
         if texts and not retrieval:
             raise UsageError(f"text embeddings need a retrieval checkpoint with a text projection "
                              f"(e.g. {DEFAULT_ITM_MODEL}); {args.model} has none")
@@ -75,12 +73,6 @@ def run(args: argparse.Namespace) -> int:
         for p in _write_embeddings(out, results, args):
             print(f"blip2: wrote {p}", file=sys.stderr)
         return rep.finish(len(srcs) + len(bad) + len(args.text or []))
-
-
-def _has_keys(d: Path, prefix: str) -> bool:
-    """Whether the checkpoint in `d` holds tensors under `prefix` (read from file headers only)."""
-    files, fmt = checkpoint_files(d)
-    return fmt == "safetensors" and any(k.startswith(prefix) for f in files for k in read_header(f)[0])
 
 
 def _write_embeddings(out: Path, results: dict, args: argparse.Namespace) -> list[Path]:

@@ -24,7 +24,7 @@ import torch
 from ... import Blip2ForImageTextRetrieval, Blip2Model, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
 from ...processing.image import ImageLoadError
 from ..cli.common import UsageError, load, model_dir, pick_device, text_ids
-from ..cli.embed import _has_keys
+from ..cli.common import has_keys
 from ..cli.match import _score
 from ..jobs.inputs import load_source
 from .build import FAISS_FILE, ITEMS_FILE
@@ -57,7 +57,7 @@ class SearchIndex:
 
     def _check_model(self) -> None:
         d = model_dir(self.model_name, "retrieval")
-        self.retrieval = _has_keys(d, "vision_projection.")
+        self.retrieval = has_keys(d, "vision_projection.")
         from ... import Blip2Config
 
         c = Blip2Config.from_pretrained(d)

@@ -20,7 +20,7 @@ from ... import (
     Blip2ForConditionalGeneration, Blip2Model, Blip2Processor, Blip2VisionModelWithProjection, ImageLoadError,
 )
 from ..cli.common import TooLong, decode, fit_prompt, gen_kwargs, load, model_dir, unusable
-from ..cli.embed import _has_keys
+from ..cli.common import has_keys
 from .inputs import load_source
 
 Batch = dict[str, np.ndarray]
@@ -165,7 +165,7 @@ class Embedder(_ModelActor):
     (Blip2VisionModelWithProjection.image_embeds), else the Q-Former's output, as `blip2 embed`."""
 
     def model_class(self) -> type:
-        self.retrieval = _has_keys(model_dir(self.args.model, self.args.demo_kind), "vision_projection.")
+        self.retrieval = has_keys(model_dir(self.args.model, self.args.demo_kind), "vision_projection.")
         return Blip2VisionModelWithProjection if self.retrieval else Blip2Model
 
     def run(self, out: Batch, ok: np.ndarray, pv: torch.Tensor | None) -> None:

@@ -347,12 +347,12 @@ def _steady(n_run: int, timing: dict) -> float | None:
 def _write_embedding_meta(d: Path, model: str) -> None:
     """embeddings.json: the model (name and fingerprint) and the vectors' shape, for `blip2 index build`."""
     from ... import Blip2Config
-    from ..cli.embed import _has_keys
+    from ..cli.common import has_keys
     from ..index.store import EMB_META, model_identity
 
     md = model_dir(model, "retrieval")
     c = Blip2Config.from_pretrained(md)
-    retrieval = _has_keys(md, "vision_projection.")
+    retrieval = has_keys(md, "vision_projection.")
     meta = {**model_identity(model), "queries": c.num_query_tokens,
             "dim": c.image_text_hidden_size if retrieval else c.qformer_config.hidden_size,
             "normalised": retrieval, "dtype": "float32",
