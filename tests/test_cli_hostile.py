@@ -24,6 +24,7 @@ from blip2 import Blip2ForConditionalGeneration, scenes
 from blip2.apps.cli import sink as sink_mod
 from blip2.apps.cli.main import main
 from blip2.apps.demo.shipped import demo_checkpoint
+from subprocs import default_sigint
 
 EXE = str(Path(sys.executable).with_name("blip2"))
 FAST = ["--model", "demo", "--max-new-tokens", "3"]
@@ -329,7 +330,8 @@ def test_sigint_then_resume_and_a_concurrent_writer(tmp_path):
     out = tmp_path / "out.jsonl"
     # beam search makes the first run slow enough to be still running when the second one starts
     cmd = [EXE, "caption", tmp_path / "imgs", "--model", "demo", "--num-beams", 3, "--batch-size", 1, "-o", out]
-    a = subprocess.Popen(list(map(str, cmd)), stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    a = subprocess.Popen(list(map(str, cmd)), stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         preexec_fn=default_sigint)
     deadline = time.time() + 60
     while (not out.exists() or out.read_text().count("\n") < 2) and time.time() < deadline:
         time.sleep(0.05)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from subprocs import default_sigint
 from blip2 import scenes
 from blip2.apps.cli.main import main
 from blip2.apps.jobs.inputs import InputError, load_source, read_inputs
@@ -186,7 +187,8 @@ def test_interrupt_then_resume(cluster, tmp_path):
            "-o", str(out), "--batch-size", "1", "--shard-rows", "1",
            "--ray-address", cluster.get_runtime_context().gcs_address]  # the driver joins the test's cluster
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while len(list(out.glob("part-*.parquet"))) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
