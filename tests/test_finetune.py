@@ -155,7 +155,7 @@ def test_finetune_teaches_the_demo_model_a_new_object(tmp_path, capsys):
     """The proof, small: 120 scenes with purple stars (a colour and a shape the demo model never saw)
     and a short fine-tune of the Q-Former and the language model. Before, no caption names a star;
     after, a good share of held-out star scenes get theirs right, and plain scenes are still
-    mostly described right (how much is lost: notes/readme-20.md, `python -m blip2.demo teach`)."""
+    mostly described right (how much is lost: README "The proof", `python -m blip2.demo teach`)."""
     from blip2.demo import demo_checkpoint
 
     data = _folder(tmp_path / "data", 120, seed=8)

@@ -45,7 +45,7 @@ from .trainer import TrainConfig, train
 TRAIN_MODES = ("qformer", "lora", "lm")
 # lora trains the token embeddings (tied to the output layer) too: words the language model never
 # saw have untrained embeddings, which adapters on the linear layers cannot produce (measured:
-# notes/readme-20.md)
+# README, "Fine-tune from the terminal")
 UNFREEZE = {"qformer": (), "lora": ("lora_", "embed_tokens.", "language_model.shared."), "lm": ("language_model.",)}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # OPT's names (T5: q, k, v, o, wi, wo)
 SUMMARY = "finetune.json"
