@@ -47,7 +47,8 @@ def _cpu_info() -> str:
     except OSError:
         return ""
     first = text.split("\n\n")[0]
-    return "\n".join(line for line in first.splitlines() if line.startswith(("model name", "flags")))
+    # x86 names its features "flags", ARM "Features"
+    return "\n".join(line for line in first.splitlines() if line.startswith(("model name", "flags", "Features")))
 
 
 def _cache_dir() -> Path:

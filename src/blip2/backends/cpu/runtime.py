@@ -18,20 +18,10 @@ FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "av
 def cpu_flags() -> list[str]:
     """The FLAGS this CPU reports, in FLAGS' order."""
     have: set[str] = set()
-    for line in build._cpu_info().splitlines() + _arm_features():
+    for line in build._cpu_info().splitlines():
         if line.startswith(("flags", "Features")):
             have.update(line.split(":", 1)[1].split())
     return [f for f in FLAGS if f in have]
-
-
-def _arm_features() -> list[str]:
-    if platform.machine() in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            return [line for line in f if line.startswith("Features")][:1]
-    except OSError:
-        return []
 
 
 def describe(measure: bool = True, recalibrate: bool = False) -> dict:
