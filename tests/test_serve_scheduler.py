@@ -46,8 +46,11 @@ def _collect():
     return events, done, emit
 
 
-@pytest.mark.parametrize("text", ["opt", "t5"])
-def test_greedy_rows_equal_generate_alone_while_others_come_and_go(text):
+@pytest.mark.parametrize("text,together", [("opt", False), ("t5", False), ("opt", True)])
+def test_greedy_rows_equal_generate_alone_while_others_come_and_go(text, together):
+    """together: every request waits before the scheduler starts, so all are admitted in one gap:
+    their images go through as one batch and their prompts (of different lengths) as one
+    left-padded prefill."""
     model = tiny(text)
     g = torch.Generator().manual_seed(0)
     img_tok = model.config.image_token_index
@@ -58,14 +61,19 @@ def test_greedy_rows_equal_generate_alone_while_others_come_and_go(text):
         want = model.generate(pv, torch.tensor([ids]), max_new_tokens=new)
         start = len(ids) if text == "opt" else 1
         jobs.append((ids, pv, new, "".join(f" {t}" for t in want[0, start:].tolist())))
-    sched = Scheduler(model, Ids(), max_batch=8).start()
+    sched = Scheduler(model, Ids(), max_batch=8)
+    if not together:
+        sched.start()
     try:
         runs = []
         for ids, pv, new, want in jobs:
             events, done, emit = _collect()
             sched.submit(Request(ids, pv, Sampling(max_tokens=new), emit, deadline=time.monotonic() + 60))
             runs.append((events, done, want))
-            time.sleep(0.003)  # arrive while the others decode
+            if not together:
+                time.sleep(0.003)  # arrive while the others decode
+        if together:
+            sched.start()
         for events, done, want in runs:
             assert done.wait(30)
             assert events[-1][0] == "finish", events[-1]
@@ -73,6 +81,8 @@ def test_greedy_rows_equal_generate_alone_while_others_come_and_go(text):
         assert sched.running_rows() == 0
         batched = sum(sched.metrics.rows.counts[1:])  # steps that ran more than one row
         assert batched > 0 if text == "opt" else batched == 0  # Flan-T5: one session per request
+        if together:
+            assert sched.metrics.counters["blip2_prefills_total"][0] == 1
     finally:
         sched.stop()
 

@@ -67,8 +67,3 @@ def mergeable(s: LMSession) -> bool:
     """Sessions this module knows how to join: a KV cache per layer plus a key mask and positions."""
     return hasattr(s, "mask") and hasattr(s, "npos") and not getattr(s, "_step_fn", None)
 
-
-def expand(s: LMSession, n: int) -> None:
-    """One prefilled row -> n identical rows (the n choices of one request share their prefill)."""
-    if n > 1:
-        s.reorder(torch.zeros(n, dtype=torch.long, device=s.caches[0].k.device))

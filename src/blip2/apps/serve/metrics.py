@@ -44,10 +44,12 @@ class Metrics:
             "blip2_prompt_tokens_total": [0, "prompt tokens prefilled (image queries included)"],
             "blip2_generation_tokens_total": [0, "tokens generated"],
             "blip2_decode_steps_total": [0, "decode steps of the running batch"],
+            "blip2_prefills_total": [0, "prefill passes (the requests admitted in one gap share one)"],
         }
         self.ttft = Histogram("blip2_time_to_first_token_seconds", "arrival to first generated token")
         self.latency = Histogram("blip2_request_latency_seconds", "arrival to last token (generation requests)")
         self.step = Histogram("blip2_decode_step_seconds", "one decode step of the whole running batch")
+        self.prefill = Histogram("blip2_prefill_seconds", "one gap's image encoding and prefill (all its requests)")
         self.rows = Histogram("blip2_decode_batch_rows", "rows in the batch at each decode step",
                               (1, 2, 4, 8, 16, 32, 64, 128))
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of the last steps, for tokens/s
@@ -80,6 +82,6 @@ class Metrics:
                                                                        self.tokens_per_second)}
         for name, (doc, read) in gauges.items():
             out += [f"# HELP {name} {doc}", f"# TYPE {name} gauge", f"{name} {float(read())}"]
-        for h in (self.ttft, self.latency, self.step, self.rows):
+        for h in (self.ttft, self.latency, self.step, self.prefill, self.rows):
             out += h.render()
         return "\n".join(out) + "\n"

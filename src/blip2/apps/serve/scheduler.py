@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ...generation import special_tokens
 from ...generation.logits import apply_processors, build_processors
-from .batch import expand, join, leave, mergeable
+from .batch import join, leave, mergeable
 from .metrics import Metrics
 
 
@@ -267,41 +267,95 @@ class Scheduler:
                     fut.set_exception(e)
 
     def _admit(self) -> None:
-        budget = self.prefill_budget
-        admitted = False
-        while True:
-            with self.cv:
-                req = next((it for it in self.waiting if isinstance(it, Request)), None)
-                if req is None or self.running_rows() + req.sampling.n > self.max_batch and self.groups:
-                    return
-                if admitted and len(req.ids) > budget:
-                    return
+        """Take the waiting chat requests that fit, in arrival order, and prefill them together."""
+        budget, reqs = self.prefill_budget, []
+        with self.cv:
+            rows = self.running_rows()
+            for req in [it for it in self.waiting if isinstance(it, Request)]:
+                if rows + req.sampling.n > self.max_batch and (self.groups or reqs):
+                    break  # a request wider than --max-batch still runs, alone
+                if reqs and len(req.ids) > budget:
+                    break
                 self.waiting.remove(req)
-            admitted = True
-            budget -= len(req.ids)
-            self._prefill(req)
+                reqs.append(req)
+                rows += req.sampling.n
+                budget -= len(req.ids)
+        if reqs:
+            self._prefill(reqs)
 
-    def _prefill(self, req: Request) -> None:
-        m = self.model
-        ids = torch.tensor([req.ids], dtype=torch.long, device=m.device)  # (1, T)
+    def _encode(self, reqs: list[Request]) -> list[torch.Tensor]:
+        """Each request's image through the ViT, Q-Former and projection: (1, Q, C) each. Images of
+        one size go through as one batch: the ViT's products get more rows per weight read."""
+        out: list = [None] * len(reqs)
+        by_size: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            by_size.setdefault(tuple(r.pixel_values.shape[1:]), []).append(i)
+        for idx in by_size.values():
+            _, _, lm_inputs = self.model._image_to_lm(torch.cat([reqs[i].pixel_values for i in idx]))  # (k, Q, C)
+            for j, i in enumerate(idx):
+                out[i] = lm_inputs[j : j + 1]
+        return out
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        """The gap's new requests: images encoded together, then (decoder-only) one left-padded
+        prefill of all their prompts, as generate_many runs one; every first token is sampled
+        before any goes out, so rows admitted early in a gap do not wait on the later prefills
+        between their first and second token (TPOT), and the new rows join the batch at once."""
+        m, t0 = self.model, time.monotonic()
         try:
-            _, _, lm_inputs = m._image_to_lm(req.pixel_values)  # (1, Q, C): the image, once
-            embeds = m._merge(ids, None, lm_inputs)
-            cfg, history = m._decode_config(embeds, ids, None, req.sampling.generate_kwargs())
-            need = cfg.max_length - history.shape[1]
-            session = m.language_model.start(embeds, torch.ones_like(ids), need)
-            logits = session.prefill()  # (1, V)
-        except (ValueError, NotImplementedError) as e:  # a prompt too long, a setting generate refuses
-            req.emit(("error", 400, str(e)))
+            lm_inputs = self._encode(reqs)
+        except Exception as e:  # these requests fail; the running rows go on
+            for req in reqs:
+                req.emit(("error", 500, f"internal error: {type(e).__name__}: {e}"))
             return
-        except Exception as e:  # this request fails; the running rows go on
-            req.emit(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+        ready = []  # (request, prompt embeddings (1, T, C), its config, its history (1, T0))
+        for req, li in zip(reqs, lm_inputs):
+            ids = torch.tensor([req.ids], dtype=torch.long, device=m.device)  # (1, T)
+            try:
+                embeds = m._merge(ids, None, li)
+                cfg, history = m._decode_config(embeds, ids, None, req.sampling.generate_kwargs())
+            except (ValueError, NotImplementedError, TypeError) as e:  # a prompt too long, a setting generate refuses
+                req.emit(("error", 400, str(e)))
+                continue
+            ready.append((req, embeds, cfg, history))
+        if not ready:
             return
-        self.metrics.inc("blip2_prompt_tokens_total", len(req.ids))
-        n = req.open_rows = req.sampling.n
-        expand(session, n)
-        rows = [Row(req, i, cfg, history.shape[1], history, self.tok) for i in range(n)]
-        self._advance(Group(session, rows, need), logits.expand(n, -1))
+        try:
+            if m.config.use_decoder_only_language_model:
+                parts = [(self._start(ready), ready)]
+            else:  # T5: a session per request (its encoder output is its own)
+                parts = [(self._start([r]), [r]) for r in ready]
+        except Exception as e:
+            for req, *_ in ready:
+                req.emit(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+            return
+        self.metrics.inc("blip2_prefills_total", len(parts))
+        self.metrics.prefill.observe(time.monotonic() - t0)
+        for (session, need, logits), group in parts:
+            index = [i for i, (req, *_) in enumerate(group) for _ in range(req.sampling.n)]  # row -> request
+            rows = []
+            for req, _, cfg, history in group:
+                self.metrics.inc("blip2_prompt_tokens_total", len(req.ids))
+                req.open_rows = req.sampling.n
+                rows += [Row(req, c, cfg, history.shape[1], history, self.tok) for c in range(req.sampling.n)]
+            if index != list(range(len(group))):
+                session.reorder(torch.tensor(index, dtype=torch.long, device=m.device))
+            self._advance(Group(session, rows, need), logits[index])
+
+    def _start(self, ready: list) -> tuple:
+        """One session over the requests' prompts, left padded, and its prefill: (session, the most
+        steps a row may take, (k, V) logits of each prompt's last position)."""
+        m = self.model
+        T = max(e.shape[1] for _, e, _, _ in ready)
+        k, C = len(ready), ready[0][1].shape[2]
+        embeds = ready[0][1].new_zeros(k, T, C)  # (k, T, C)
+        mask = torch.zeros(k, T, dtype=torch.long, device=m.device)  # (k, T)
+        for i, (_, e, _, _) in enumerate(ready):
+            embeds[i, T - e.shape[1] :] = e[0]
+            mask[i, T - e.shape[1] :] = 1
+        need = max(cfg.max_length - h.shape[1] for _, _, cfg, h in ready)
+        session = m.language_model.start(embeds, mask, need)
+        return session, need, session.prefill()
 
     def _step(self, g: Group) -> None:
         t0 = time.monotonic()
