@@ -6,6 +6,7 @@ and the page at `/`.
     POST /v1/answers            several questions about one image (generate_many)
     POST /v1/match              ITM probability and ITC similarity, every image x every text
     POST /v1/embeddings         text and image vectors of the retrieval checkpoint
+    POST /v1/search             the best images of the index (--index) for a text or an image
     GET  /v1/models, /health, /metrics, /  (the page; its files under /static/)
 
 Handlers validate, decode images and tokenize on the event loop's thread pool; only the scheduler
@@ -37,7 +38,7 @@ from .chat import ChatError, prompt_ids, render
 from .images import ImageError, ImagePolicy, fetch_image
 from .metrics import Metrics
 from .scheduler import QueueFull, Request, Sampling, Scheduler
-from .schemas import AskRequest, CaptionRequest, ChatRequest, EmbeddingRequest, MatchRequest
+from .schemas import AskRequest, CaptionRequest, ChatRequest, EmbeddingRequest, MatchRequest, SearchRequest
 from . import tasks
 
 STATIC = Path(__file__).parent / "static"
@@ -53,6 +54,7 @@ class State:
     rmodel: Any = None  # the retrieval checkpoint (match, embeddings), if any
     rproc: Any = None
     rname: str | None = None
+    index: Any = None  # a SearchIndex (--index), searched on the model thread
     api_key: str | None = None
     policy: ImagePolicy = field(default_factory=ImagePolicy)
     max_body: int = 32 * 1024 * 1024
@@ -299,6 +301,19 @@ def create_app(state: State) -> FastAPI:
         ntok = sum(len(rp.tokenizer(t)["input_ids"]) for t in texts)
         return {"object": "list", "model": body.model or state.rname, "data": data,
                 "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+
+    @app.post("/v1/search")
+    async def search(request: HTTPRequest):
+        if state.index is None:
+            raise APIError(404, "this server has no search index: start it with --index DIR (a folder written by "
+                                "`blip2 index build`)", code="no_index")
+        body: SearchRequest = await read_json(request, SearchRequest, state.max_body)
+        if (body.query is None) == (body.image is None):
+            raise APIError(400, "give one of query (a text) or image (a data: URL) to search with, not "
+                                + ("both" if body.query is not None else "neither"), param="query")
+        img = await image(body.image, "image") if body.image is not None else None
+        hits = await on_model_thread(tasks.search, state.index, body.query, img, body.k, body.rerank)
+        return {"object": "list", "model": body.model or state.index.model_name, "data": hits}
 
     # --- plumbing ---
     @app.get("/v1/models")

@@ -10,9 +10,9 @@ The loop, between two decode steps of the running batch:
    retrieval calls, which do not join the batch);
 3. admits waiting chat requests while the batch has rows to spare (--max-batch) and the prompt
    tokens prefilled in this gap stay under the token budget (--prefill-budget; at least one is
-   admitted): each request's image goes through the ViT and Q-Former once, its prompt is
-   prefilled alone (bitwise the prefill `generate` runs), its first token is sampled from the
-   prefill's logits, and its n choices join the batch (batch.py: join);
+   admitted): their images go through the ViT and Q-Former once, as one batch; their prompts are
+   prefilled as one left-padded batch (as generate_many does); each first token is sampled from
+   the prefill's logits, and the n choices of each request join the batch (batch.py: join);
 4. runs one decode step for all rows; each row applies its own logits processors (repetition
    penalty, min_tokens, temperature, top-p) and samples with its own torch.Generator (seeded by
    the request's `seed`), or takes the argmax;

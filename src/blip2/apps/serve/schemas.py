@@ -106,3 +106,17 @@ class EmbeddingRequest(Strict):
     input: str | list[EmbeddingItem] = Field(min_length=1, max_length=MAX_ITEMS)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
+
+
+MAX_K = 100  # hits per search
+MAX_RERANK = 200  # ITM re-ranking encodes each candidate image again, on the model thread
+
+
+class SearchRequest(Strict):
+    """A text (`query`) or an image (`image`, a data: URL) to search the index with; one of them
+    (app.py checks, naming both fields)."""
+    model: str | None = None
+    query: str | None = Field(None, min_length=1, max_length=10_000)
+    image: str | None = Field(None, max_length=64 * 1024 * 1024)
+    k: int = Field(10, ge=1, le=MAX_K)
+    rerank: int = Field(50, ge=0, le=MAX_RERANK)  # as `blip2 search --rerank`; 0: ITC only; text queries only

@@ -1,7 +1,8 @@
 """What chat cannot express, run on the model thread between two decode steps (Scheduler.call):
 captions of several images (beam search, several captions each), several questions about one
 image (`generate_many`: the image encoded once), image-text matching and embeddings (the
-retrieval checkpoint). They call the library as the CLI's commands do and reuse their helpers."""
+retrieval checkpoint), and search in an index (`blip2 index`'s SearchIndex). They call the library
+as the CLI's commands do and reuse their helpers."""
 
 from __future__ import annotations
 
@@ -107,3 +108,12 @@ def embed(model, proc, pv: torch.Tensor | None, texts: list[str]) -> tuple[torch
         h = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0, attention_mask=am).last_hidden_state
         txt = itc_embedding(model.text_projection, h[:, 0])  # (T, E): the [CLS] token's
     return img, txt
+
+
+def search(index, text: str | None, image, k: int, rerank: int) -> list[dict]:
+    """The k best images of `index` (a SearchIndex) for a text (ITC, then ITM re-ranks the best
+    max(k, rerank)) or an image (a PIL image; ITC): its hits, best first."""
+    try:
+        return index.search(text=text, image=image, k=k, rerank=rerank)
+    except UsageError as e:  # e.g. a text query on an index of features without ITC projections
+        raise TaskError(str(e)) from None
