@@ -41,3 +41,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.oracle)
         if item.module.__name__ == "test_kernels" or "kernel" in item.name:
             item.add_marker(pytest.mark.kernels)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An HTTP client of the module's `server` (a serve_helpers.start_server), sending its API key."""
+    import httpx
+
+    key = server.state.api_key
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        yield c

@@ -194,3 +194,22 @@ def test_bad_inputs_have_clear_messages(world, tmp_path, capsys):
     code, err = _cli_error(capsys, ["index", "build", str(world["dir"] / "emb.npy"), str(tmp_path / "syn.npy"),
                                     "-o", str(tmp_path / "i2")])
     assert code == 2 and "syn.npy" in err and "32" in err
+
+
+@pytest.mark.slow
+def test_one_retrieval_model_serves_itc_and_itm(world):
+    """The index loads its retrieval model once; a model handed in (a server's) is used, not reloaded,
+    and gives the same hits."""
+    ix = SearchIndex(world["dir"] / "ix")
+    text = world["captions"][5]
+    want = ix.search(text=text, k=4, rerank=6)
+    models = {m for m, _ in ix._models.values()}
+    full = ix._models[Blip2ForImageTextRetrieval][0]
+    assert all(m.qformer is full.qformer for m in models)  # text tower, image tower and ITM share it
+    d = demo_checkpoint("retrieval")
+    mine = Blip2ForImageTextRetrieval.from_pretrained(d).eval()
+    ix2 = SearchIndex(world["dir"] / "ix", loaded=(mine, Blip2Processor.from_pretrained(d), d))
+    assert ix2._models[Blip2ForImageTextRetrieval][0] is mine
+    assert ix2.search(text=text, k=4, rerank=6) == want
+    other = SearchIndex(world["dir"] / "ix", loaded=(mine, None, world["dir"]))  # not the index's model
+    assert not other._models

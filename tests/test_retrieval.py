@@ -196,3 +196,22 @@ def test_built_from_config(tmp_path):
     for cls in (Blip2TextModelWithProjection, Blip2VisionModelWithProjection):
         m = cls(cfg)
         assert not any(p.is_meta for p in m.parameters()) and torch.isfinite(m.query_tokens).all()
+
+
+def test_itc_towers_are_the_retrieval_models_own():
+    """itc_towers: the text and image ITC encoders made of a loaded retrieval model's modules give
+    exactly what the two classes loaded on their own give."""
+    from blip2 import Blip2Processor
+    from blip2.apps.demo.shipped import demo_checkpoint
+    from blip2.models.retrieval import itc_towers
+
+    d = demo_checkpoint("retrieval")
+    text, vision = itc_towers(Blip2ForImageTextRetrieval.from_pretrained(d))
+    assert not any(p.is_meta for p in list(text.parameters()) + list(vision.parameters()))
+    ids = Blip2Processor.from_pretrained(d).tokenizer(["a large red circle"], return_tensors="pt")["input_ids"]
+    px = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(text(input_ids=ids).text_embeds,
+                           Blip2TextModelWithProjection.from_pretrained(d)(input_ids=ids).text_embeds)
+        assert torch.equal(vision(pixel_values=px).image_embeds,
+                           Blip2VisionModelWithProjection.from_pretrained(d)(pixel_values=px).image_embeds)

@@ -34,12 +34,6 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def client(server):
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)

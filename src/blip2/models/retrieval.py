@@ -211,3 +211,14 @@ class Blip2VisionModelWithProjection(_Blip2Stage1):
             attentions=vision_out.attentions,
         )
         return res if return_dict else res.to_tuple()
+
+
+def itc_towers(model: Blip2ForImageTextRetrieval) -> tuple[Blip2TextModelWithProjection, Blip2VisionModelWithProjection]:
+    """The two ITC encoders of a loaded retrieval model, made of its own modules (no weight is
+    copied or loaded again): what a search needs beside ITM, at the memory of one model."""
+    with torch.device("meta"):  # built empty; every module is then replaced by the model's own
+        text, vision = Blip2TextModelWithProjection(model.config), Blip2VisionModelWithProjection(model.config)
+    text.embeddings, text.qformer, text.text_projection = model.embeddings, model.qformer, model.text_projection
+    vision.vision_model, vision.qformer, vision.vision_projection = model.vision_model, model.qformer, model.vision_projection
+    text.query_tokens = vision.query_tokens = model.query_tokens
+    return text.eval(), vision.eval()

@@ -16,6 +16,8 @@ def add_parser(sub, at_least, in_range) -> list[str]:
     p.add_argument("--model", default="demo", help="local checkpoint directory, hub id, or 'demo' (default demo)")
     p.add_argument("--retrieval-model", default=None,
                    help="a retrieval checkpoint for /v1/match and /v1/embeddings (default: the demo's with --model demo)")
+    p.add_argument("--index", default=None, metavar="INDEX_DIR",
+                   help="a folder written by `blip2 index build`: serves POST /v1/search (needs blip2[index])")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=at_least(0), default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],

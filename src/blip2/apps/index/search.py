@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ... import Blip2ForImageTextRetrieval, Blip2Model, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
+from ...models.retrieval import itc_towers
 from ...processing.image import ImageLoadError
 from ..cli.common import UsageError, load, model_dir, pick_device, text_ids
 from ..cli.common import has_keys
@@ -33,9 +34,13 @@ from .store import META, model_fingerprint, normalise, read_json
 
 class SearchIndex:
     """An index folder written by `blip2 index build`, opened for search with `model` (default: the
-    one recorded in the index; another model's weights or dimension is a UsageError)."""
+    one recorded in the index; another model's weights or dimension is a UsageError). A retrieval
+    checkpoint is loaded once, as Blip2ForImageTextRetrieval, and serves the text and image
+    embeddings (its own modules, models.retrieval.itc_towers) as well as ITM. `loaded`: a (model,
+    processor, directory) already in memory (a server's), used when it is the index's model."""
 
-    def __init__(self, path: str | Path, model: str | None = None, device: str = "auto", nprobe: int | None = None):
+    def __init__(self, path: str | Path, model: str | None = None, device: str = "auto", nprobe: int | None = None,
+                 loaded: tuple | None = None):
         import faiss
         import pyarrow.parquet as pq
 
@@ -54,9 +59,11 @@ class SearchIndex:
         self.device = device
         self._check_model()
         self._models: dict[type, Any] = {}
+        if loaded is not None and self.retrieval and Path(loaded[2]).resolve() == self.model_path.resolve():
+            self._share(*loaded[:2])
 
     def _check_model(self) -> None:
-        d = model_dir(self.model_name, "retrieval")
+        d = self.model_path = model_dir(self.model_name, "retrieval")
         self.retrieval = has_keys(d, "vision_projection.")
         from ... import Blip2Config
 
@@ -75,8 +82,16 @@ class SearchIndex:
         if cls not in self._models:
             args = argparse.Namespace(model=self.model_name, demo_kind="retrieval", device=self.device, dtype="auto")
             pick_device(self.device)
-            self._models[cls] = load(args, cls)
+            if self.retrieval:  # one model for ITC (both towers) and ITM
+                self._share(*load(args, Blip2ForImageTextRetrieval))
+            else:
+                self._models[cls] = load(args, cls)
         return self._models[cls]
+
+    def _share(self, model: Any, proc: Any) -> None:
+        text, vision = itc_towers(model)
+        self._models.update({Blip2ForImageTextRetrieval: (model, proc), Blip2TextModelWithProjection: (text, proc),
+                             Blip2VisionModelWithProjection: (vision, proc)})
 
     def embed_text(self, text: str) -> np.ndarray:
         """(1, E): the text's ITC embedding (its [CLS] token's), as `blip2 embed --text`."""

@@ -9,9 +9,11 @@ import threading
 import time
 
 import torch
+from PIL import Image
 
 from ... import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
-from ..cli.common import UsageError, load
+from ..cli.common import UsageError, args_model_dir, load
+from ..index import SearchIndex
 from .app import State, create_app
 from .images import ImagePolicy
 from .scheduler import Scheduler
@@ -19,7 +21,8 @@ from .scheduler import Scheduler
 
 def build_state(args: argparse.Namespace) -> State:
     """Load --model (and --retrieval-model: by default the demo's retrieval checkpoint when --model
-    is demo) and start the scheduler thread. Raises UsageError for an unusable model."""
+    is demo), open --index, and start the scheduler thread. Raises UsageError for an unusable model
+    or index."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)  # before loading: the backend's kernels use torch's threads
     model, proc = load(args, Blip2ForConditionalGeneration)
@@ -29,12 +32,31 @@ def build_state(args: argparse.Namespace) -> State:
         rargs = argparse.Namespace(**{**vars(args), "model": "demo" if rname == "demo-retrieval" else rname,
                                       "demo_kind": "retrieval", "quantize": None})
         rmodel, rproc = load(rargs, Blip2ForImageTextRetrieval)
+    loaded = (rmodel, rproc, args_model_dir(rargs)) if rmodel is not None else None
+    index = open_index(args.index, args.device, loaded) if args.index else None
     sched = Scheduler(model, proc.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                       prefill_budget=args.prefill_budget).start()
     policy = ImagePolicy(allow_remote=args.allow_remote_images, max_bytes=args.max_image_bytes,
                          max_pixels=args.max_image_pixels, fetch_timeout=args.fetch_timeout)
     return State(model=model, proc=proc, scheduler=sched, name=args.model, rmodel=rmodel, rproc=rproc, rname=rname,
-                 api_key=args.api_key, policy=policy, max_body=args.max_body, request_timeout=args.request_timeout)
+                 index=index, api_key=args.api_key, policy=policy, max_body=args.max_body,
+                 request_timeout=args.request_timeout)
+
+
+def open_index(path: str, device: str, loaded: tuple | None = None) -> SearchIndex:
+    """--index: a `blip2 index build` folder as a SearchIndex, with the retrieval model it records
+    (the server's own --retrieval-model when that is the one: `loaded` = (model, processor, dir)).
+    Its models are loaded now, by a search of each kind, rather than by the first request (which
+    would hold the model thread, and every chat row with it, while they load)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise UsageError("--index needs faiss: pip install 'blip2[index]'") from None
+    ix = SearchIndex(path, device=device, loaded=loaded)
+    ix.search(image=Image.new("RGB", (32, 32), "white"), k=1)
+    if ix.retrieval:  # text search (and its ITM re-rank) needs the ITC projections
+        ix.search(text="a picture", k=1, rerank=1)
+    return ix
 
 
 def _server(state: State, host: str, port: int):
