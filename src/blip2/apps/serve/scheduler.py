@@ -52,6 +52,9 @@ from .batch import join, leave, mergeable
 from .metrics import Metrics
 
 
+GATHER_S = 0.02  # seconds an idle scheduler waits for the rest of a burst (a prefill takes 10-1000x that)
+
+
 class QueueFull(Exception):
     """--max-queue requests are already waiting: the server answers 429."""
 
@@ -222,10 +225,17 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.cv:
+                    idle = not self.groups
                     while not self.stopping and not self.waiting and not self.groups:
                         self.cv.wait(timeout=0.5)
                     if self.stopping:
                         break
+                if idle and not self.groups:
+                    # Woken from idle by a request: clients that arrive together (a burst, or closed-loop
+                    # clients whose answers ended on the same step) reach the queue a few ms apart, as the
+                    # HTTP thread parses them one by one. Waiting that long lets one prefill take them all;
+                    # else the first is prefilled alone and the rest wait a whole prefill for theirs.
+                    time.sleep(GATHER_S)
                 try:
                     self._drop_expired()
                     self._run_one_task()
