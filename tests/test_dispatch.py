@@ -98,7 +98,7 @@ def test_environment_overrides_without_measuring(fresh_cache, monkeypatch):
 
 def test_report_measures_every_op_with_real_candidates(fresh_cache):
     rows = {r["op"]: r for r in dispatch.report()}
-    assert set(rows) == {"bf16.one", "bf16.many", "bf16.kernel_rows", "sdpa.bf16", "sdpa.one", "int8.one", "int4.one"}
+    assert set(rows) == {"bf16.one", "bf16.many", "bf16.dot", "bf16.kernel_rows", "int8.kernel_rows", "sdpa.bf16", "sdpa.one", "int8.one", "int4.one"}
     assert rows["bf16.many"]["choice"] in (0, 16, 32, 64, 128, 256) and {"bf16@256", "fp32@256"} <= set(rows["bf16.many"]["ms"])
     assert rows["bf16.one"]["choice"] in rows["bf16.one"]["ms"]
     assert all(v > 0 for r in rows.values() for v in r["ms"].values())

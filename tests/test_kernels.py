@@ -30,8 +30,8 @@ KERNEL_ROWS = 48  # products with fewer rows take the kernels in these tests (di
 
 @pytest.fixture(autouse=True)
 def fixed_crossover():
-    with dispatch.force(**{"bf16.kernel_rows": KERNEL_ROWS - 1, "bf16.one": "kernel", "int8.one": "kernel",
-                           "int4.one": "kernel"}):
+    with dispatch.force(**{"bf16.kernel_rows": KERNEL_ROWS - 1, "int8.kernel_rows": KERNEL_ROWS - 1, "bf16.one": "kernel",
+                           "int8.one": "kernel", "int4.one": "kernel", "bf16.dot": "fma"}):
         yield
 
 
@@ -69,7 +69,8 @@ def test_packed_products(dtype, rows):
     y = linear.blocked_linear(x, p, scale, bias)
     assert y.dtype == torch.float32 and y.shape == (rows, N)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().mean()))
-    # bf16 activations: the same fp32 sums (of the bf16 x), rounded to bf16 once
+    # bf16 activations: the same fp32 sums (of the bf16 x), rounded to bf16 once (on the FMA kernel;
+    # test_bf16_products checks VDPBF16PS's)
     xb = x.bfloat16()
     yb = linear.blocked_linear(xb, p, scale, bias)
     want = linear.blocked_linear(xb.float(), p, scale, bias).bfloat16()
@@ -78,6 +79,49 @@ def test_packed_products(dtype, rows):
         assert yb.dtype == torch.bfloat16 and torch.equal(yb, want)
     else:
         torch.testing.assert_close(yb.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def _bf16_bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+    """How far a correct kernel's (M, N) result may be from the float64 one: fp32 sums of exact
+    products (a few units of fp32 rounding of the sum of |terms|, far under what one wrong term
+    costs), then for a bf16 result one rounding to nearest (at most 2^-8 of the value)."""
+    size = x.double().abs() @ w.double().abs().T
+    return 1e-6 * size + (2.0 ** -8 * ref.abs() if out == torch.bfloat16 else 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 33, 64])
+def test_bf16_products(rows):
+    """bf16 weights against fp32 x and bf16 x (FMA on converted weights: tiles of 4 x rows on
+    AVX-512, 2 on AVX2, and their remainders) and bf16 x by VDPBF16PS (where built: tiles of 4 and
+    their remainders, whatever the row count), against float64. N = 13 blocks (an odd share per
+    thread), K = 9 chunks; normal values (VDPBF16PS flushes denormals)."""
+    g = torch.Generator().manual_seed(100 + rows)
+    N, K = 52, 288
+    w = torch.randn(N, K, generator=g).bfloat16()
+    bias = torch.randn(N, generator=g)
+    p = kernels.blocked_copy(w, layout.BLOCK[torch.bfloat16])
+    x = torch.randn(rows, K, generator=g)
+    xb = x.bfloat16()
+    paths = [("fp32 x", x, lambda: kernels.blocked_mm(x, p, None, bias)),
+             ("bf16 x", xb, lambda: kernels.blocked_mm(xb, p, None, bias))]
+    if kernels.dot_built():
+        paths.append(("dot", xb, lambda: kernels.bf16_dot(xb, p, bias)))
+        with dispatch.force(**{"bf16.dot": "dot"}):  # as blocked_mm takes it where it measured faster
+            paths.append(("dot chosen", xb, lambda y=kernels.blocked_mm(xb, p, None, bias): y))
+    for name, xi, f in paths:
+        y = f()
+        ref = xi.double() @ w.double().T + bias.double()
+        assert y.shape == (rows, N) and y.dtype == xi.dtype, name
+        err, bound = (y.double() - ref).abs(), _bf16_bound(xi, w, ref, y.dtype)
+        assert (err <= bound).all(), (name, float((err / bound).max()))
+        if y.dtype == torch.bfloat16:
+            assert (y == ref.bfloat16()).double().mean() > 0.95, name  # mostly the correctly rounded value
+    # the bounds catch a wrong kernel: one that drops the last chunk, or rounds fp32 x to bf16
+    ref = x.double() @ w.double().T
+    drop = x[:, :-32].double() @ w[:, :-32].double().T
+    assert ((drop - ref).abs() > _bf16_bound(xb, w, ref, torch.bfloat16)).any()
+    assert ((xb.double() @ w.double().T - ref).abs() > _bf16_bound(x, w, ref, torch.float32)).any()
 
 
 @needs_kernels

@@ -13,8 +13,11 @@ faster, torch's runs, so the backend is never slower than torch on any CPU.
     bf16.many         products of many rows  the fewest rows (16 ... 256) from which one fp32 GEMM (the
                                              weight upcast into a reused buffer) beats F.linear in bf16
                                              (oneDNN); 0: never
-    bf16.kernel_rows  blocked weights        the most rows (2..64) for which the blocked kernel beats
-                                             unblocking the weight for the `bf16.many` path
+    bf16.dot          bf16 x, blocked bf16   fma: each weight converted to fp32 | dot: VDPBF16PS (CPUs
+                      weights, 2+ rows       with AVX512_BF16 only; slower than FMA on some of them)
+    bf16.kernel_rows  blocked bf16 weights   the most rows (2..256) for which the kernel (as `bf16.dot`
+                                             chose) beats unblocking the weight for the `bf16.many` path
+    int8.kernel_rows  blocked int8, int4     the same for the int8 kernel (2..64)
     sdpa.bf16         attention, many rows   bf16: SDPA in bf16 | fp32: SDPA on fp32 copies
     sdpa.one          a decode step's        sdpa: SDPA in bf16 | kernel: kernels.attend_one on the
                       attention              bf16 KV cache
@@ -45,7 +48,7 @@ import torch
 
 from . import build
 
-FORMAT = "3"  # of the cached choices; part of the key
+FORMAT = "4"  # of the cached choices; part of the key (4: the bf16 kernels of issue 16)
 MARGIN = 0.9  # a candidate other than torch's default must take under 90% of its time
 DEFAULTS: dict[str, object] = {}  # op -> torch's path (filled by `register`)
 

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .build import lib
-from .layout import blocks_of
+from .layout import BLOCK, blocks_of
 
 
 # --- the layout ---
@@ -83,9 +84,10 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _mm(x: Tensor, w: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def _mm(x: Tensor, w: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], dot: bool = True) -> Tensor:
     """x (M, K) fp32 or bf16 contiguous, w blocked (N, K) -> (M, N) in x's dtype (computed in fp32).
-    For int4 w (uint8, (N, K/2)), scale is its (K/G, N, 2) scales and zeros, bf16 or fp32."""
+    For int4 w (uint8, (N, K/2)), scale is its (K/G, N, 2) scales and zeros, bf16 or fp32. bf16 x
+    with bf16 w, several rows: by VDPBF16PS where `bf16.dot` measured it faster (unless dot=False)."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype)
@@ -99,6 +101,8 @@ def _mm(x: Tensor, w: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -
     elif w.dtype == torch.int8:
         f = lb.q8_mm_bf16 if bf else lb.q8_mm
         f(w.data_ptr(), N, K, x.data_ptr(), M, _ptr(scale), _ptr(bias), y.data_ptr(), nt)
+    elif bf and dot and M > 1 and dispatch.choice("bf16.dot") == "dot":
+        return bf16_dot(x, w, bias)
     else:
         f = lb.bf16_mm_bf16 if bf else lb.bf16_mm
         f(w.data_ptr(), N, K, x.data_ptr(), M, _ptr(bias), y.data_ptr(), nt)
@@ -123,6 +127,40 @@ def blocked_mm(x: Tensor, w: Tensor, scale: Optional[Tensor] = None, bias: Optio
     if torch.compiler.is_compiling():
         return _blocked_mm_op(x, w, scale, bias)  # opaque to the compiler
     return _mm(x, w, scale, bias)  # eager: skip the op dispatcher (~10 us a call)
+
+
+def dot_built() -> bool:
+    """Whether the kernels have bf16_dot_mm here: bf16 x bf16 products by VDPBF16PS (AVX512_BF16)."""
+    lb = lib()
+    return lb is not None and bool(lb.bf16_dot_built())
+
+
+def bf16_dot(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x (M, K) bf16 @ row-major(w)^T + bias by VDPBF16PS, whatever M and `bf16.dot` say (tests,
+    benchmarks, the measurement); needs dot_built()."""
+    M, K = x.shape
+    N = w.shape[0]
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    f = lib().bf16_dot_mm
+    f.argtypes, f.restype = lib().bf16_mm.argtypes, None
+    f(w.data_ptr(), N, K, x.data_ptr(), M, _ptr(bias), y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def _measure_dot() -> tuple[str, dict[str, float]]:
+    """bf16 x against a blocked bf16 weight, 32 rows (a prompt's prefill): the FMA kernel (each weight
+    converted to fp32) or VDPBF16PS, whose speed varies by CPU (slower than fp32 FMA on a Xeon)."""
+    if not dot_built():
+        return "fma", {}
+    wb = blocked_copy(dispatch.synthetic(4096, 2560, scale=0.02), BLOCK[torch.bfloat16])
+    x = dispatch.synthetic(32, 2560, seed=32)
+    times = dispatch.measure({"fma": lambda: _mm(x, wb, None, None, dot=False), "dot": lambda: bf16_dot(x, wb)},
+                             reps=7, budget_s=0.5)
+    return dispatch.pick(times, "fma"), times
+
+
+dispatch.register("bf16.dot", "fma", _measure_dot)
 
 
 # --- attention in a decode step ---

@@ -25,10 +25,14 @@ from .build import lib
 from .layout import BLOCK, fits
 
 
-def kernel_rows() -> int:
-    """Products with fewer rows than this run through the blocked kernels; more unblock the weight
-    for one GEMM (the measured crossover `bf16.kernel_rows`, plus one)."""
-    return int(dispatch.choice("bf16.kernel_rows")) + 1 if lib() is not None else 0
+def kernel_rows(w_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Products with a blocked w_dtype weight with fewer rows than this run through the kernels; more
+    unblock the weight for one GEMM. The measured crossover plus one: `bf16.kernel_rows` for bf16
+    weights (measured with bf16 x, on the kernel `bf16.dot` chose), `int8.kernel_rows` for int8
+    and int4 ones."""
+    if lib() is None:
+        return 0
+    return int(dispatch.choice("bf16.kernel_rows" if w_dtype == torch.bfloat16 else "int8.kernel_rows")) + 1
 
 
 def unblocked_product(x2: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -60,7 +64,7 @@ def blocked_linear(x: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | No
     scale is its scales and zeros). Few rows go through the streaming kernels (the result in bf16 for
     bf16 x, rounded once), many through unblocked_product (fp32). Callers cast."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if x2.shape[0] < kernel_rows():
+    if x2.shape[0] < kernel_rows(w.dtype):
         y = kernels.blocked_mm(x2, w, scale, bias)
     else:
         y = unblocked_product(x2, w, scale, bias)
@@ -78,28 +82,44 @@ def _measure_one() -> tuple[str, dict[str, float]]:
     return dispatch.pick(times, "mv"), times
 
 
-def _measure_kernel_rows() -> tuple[int, dict[str, float]]:
-    """The largest row count (of 2, 4, ... 64) up to which the blocked kernel beats unblocking the
-    same weight for unblocked_product; 0 without kernels."""
-    if lib() is None:
-        return 0, {}
-    w = dispatch.synthetic(4096, 2560, scale=0.02)
-    wb = kernels.blocked_copy(w, BLOCK[torch.bfloat16])
+def _crossover(w, scale, rows: tuple[int, ...], name: str) -> tuple[int, dict[str, float]]:
+    """The largest of `rows` up to which the kernel beats unblocking the blocked weight w for
+    unblocked_product (bf16 x), going up while it wins; 1 if it never does."""
     times: dict[str, float] = {}
-    rows = 1
-    for m in (2, 4, 8, 16, 32, 48, 64):
-        x = dispatch.synthetic(m, 2560, seed=m)
-        t = dispatch.measure({"kernel": lambda: kernels.blocked_mm(x, wb),
-                              "unblock": lambda: unblocked_product(x, wb, None, None)}, reps=5, budget_s=0.3)
-        tk, tg = times[f"kernel@{m}"], times[f"unblock@{m}"] = t["kernel"], t["unblock"]
+    best = 1
+    for m in rows:
+        x = dispatch.synthetic(m, w.shape[1], seed=m)
+        t = dispatch.measure({"kernel": lambda: kernels.blocked_mm(x, w, scale),
+                              "unblock": lambda: unblocked_product(x, w, scale, None)}, reps=5, budget_s=0.3)
+        tk, tg = times[f"{name}@{m}"], times[f"unblock@{m}"] = t["kernel"], t["unblock"]
         if tk >= tg:
             break
-        rows = m
-    return rows, times
+        best = m
+    return best, times
+
+
+def _measure_kernel_rows() -> tuple[int, dict[str, float]]:
+    """bf16.kernel_rows: bf16 x against a blocked 4096 x 2560 bf16 weight (2 ... 256 rows), on the
+    FMA kernel ("kernel@rows") or VDPBF16PS ("dot@rows"), as `bf16.dot` chose; 0 without kernels."""
+    if lib() is None:
+        return 0, {}
+    wb = kernels.blocked_copy(dispatch.synthetic(4096, 2560, scale=0.02), BLOCK[torch.bfloat16])
+    name = "dot" if dispatch.choice("bf16.dot") == "dot" else "kernel"
+    return _crossover(wb, None, (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256), name)
+
+
+def _measure_int8_rows() -> tuple[int, dict[str, float]]:
+    """int8.kernel_rows: the same for an int8 weight (2 ... 64 rows); int4 weights follow it."""
+    if lib() is None:
+        return 0, {}
+    q = torch.randint(-127, 128, (4096, 2560), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    qb = kernels.blocked_copy(q, BLOCK[torch.int8])
+    return _crossover(qb, torch.full((4096,), 1e-3), (2, 4, 8, 16, 32, 48, 64), "kernel")
 
 
 dispatch.register("bf16.one", "mv", _measure_one)
 dispatch.register("bf16.kernel_rows", 0, _measure_kernel_rows)
+dispatch.register("int8.kernel_rows", 0, _measure_int8_rows)
 
 
 def one_row_torch() -> str:
@@ -142,7 +162,7 @@ class Blocked:
         if not fits(w) or lib() is None:  # moved, cast: the copy is of no more use
             self.__dict__.pop("_copy", None)
             return None
-        if x.numel() >= kernel_rows() * x.shape[-1] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        if x.numel() >= kernel_rows(w.dtype) * x.shape[-1] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return None
         key = (w.data_ptr(), w._version, w.dtype)
         c = self.__dict__.get("_copy")

@@ -13,6 +13,8 @@
 typedef __m512 v16;
 typedef __m512i v16i;  // 16 dwords
 typedef __m512 vacc;   // a dot product's accumulator
+#define FMA_MR 4  // x rows per tile of bf16_mm (kernels.c), and accumulators per (x row, weight row)
+#define FMA_SPLIT 1
 static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
 static inline v16 v_set1(float f) { return _mm512_set1_ps(f); }
 static inline v16 v_load(const float* p) { return _mm512_loadu_ps(p); }
@@ -30,9 +32,23 @@ static inline v16 v_i8(const int8_t* p) {  // 16 int8 -> 16 fp32
 static inline v16 v_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's top half)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
+// 32 bf16 as 16 dwords -> the 16 at even places or at odd places, in fp32: one op each, no widening
+static inline v16 v_bf16_even(const uint16_t* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16)); }
+static inline v16 v_bf16_odd(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32((int)0xffff0000u)));
+}
 static inline v16 v_bf16_part(const uint16_t* p, int64_t n) {  // min(n, 16) bf16 -> fp32, zeros past n
   __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+// lane sums of four registers -> (sum a0, sum a1, sum a2, sum a3)
+static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));  // a0 a1 a0 a1 per 128 bits
+  __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 // int4: nibble t of each dword as the float q - 8, by a table lookup (vpermps reads only an index's
 // low 4 bits, so a shift is all the unpacking it needs). Q4_ACC: accumulators per 16 rows for one
@@ -63,6 +79,8 @@ typedef struct { __m256i lo, hi; } v16i;
 // 8 lanes: both halves of a v16 go into one, so that a block's 8 or 16 accumulators fit AVX2's
 // 16 registers (with 16 lanes they spilled)
 typedef __m256 vacc;
+#define FMA_MR 2
+#define FMA_SPLIT 2
 static inline v16 v_two(__m256 lo, __m256 hi) { v16 r = {lo, hi}; return r; }
 static inline v16 v_zero(void) { return v_two(_mm256_setzero_ps(), _mm256_setzero_ps()); }
 static inline v16 v_set1(float f) { return v_two(_mm256_set1_ps(f), _mm256_set1_ps(f)); }
@@ -111,6 +129,8 @@ static inline __m256 nib8(__m256i v, int t) {
 static inline v16 v_nibble(v16i v, int t) { return v_two(nib8(v.lo, t), nib8(v.hi, t)); }
 static inline __m256 lo16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 static inline __m256 hi16(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))); }
+static inline v16 v_bf16_even(const uint16_t* p) { v16i v = v_loadi((const uint32_t*)p); return v_two(lo16(v.lo), lo16(v.hi)); }
+static inline v16 v_bf16_odd(const uint16_t* p) { v16i v = v_loadi((const uint32_t*)p); return v_two(hi16(v.lo), hi16(v.hi)); }
 static inline void v_sz(const void* sz, int f32, int64_t i, v16* s, v16* z) {
   if (f32) {  // each 8 lanes: (s0 z0 s1 z1 | s4 z4 s5 z5) ... -> even / odd, then 64-bit lanes in order
     const float* p = (const float*)sz + 2 * i;
