@@ -116,11 +116,16 @@ def test_attention_paths_agree(many, rows):  # many: sdpa.bf16's choice
     mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     sdp = attention.CpuScaledDotProduct()
-    for one in ("sdpa", "kernel"):
+    bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+    for one in ("sdpa", "fp32", "kernel"):
         with dispatch.force(**{"sdpa.bf16": many, "sdpa.one": one}):
             y, _ = sdp(q, k, v, mask)
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+        if one != "kernel":  # a decode step takes sdpa.one's path; other calls take sdpa.bf16's
+            path = one if rows == 1 else ("sdpa" if many == "bf16" else "fp32")
+            assert torch.equal(y, bf16 if path == "sdpa" else fp32), (one, many, rows)
 
 
 def _layer(kind: str) -> torch.nn.Module:

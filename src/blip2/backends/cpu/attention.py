@@ -3,8 +3,9 @@
 `CpuScaledDotProduct` takes the place of the models' ScaledDotProduct modules. For bf16, a decode
 step (one query per row, no dropout) reads the bf16 KV cache straight in kernels.attend_one (on a
 CPU that emulates bf16, a step over 53 cached positions took 145 us per layer in SDPA, 63 us here);
-other calls run SDPA in bf16 or on fp32 copies of the (small) q/k/v, whichever dispatch measured
-faster on this CPU (`sdpa.bf16`: fp32 where bf16 is emulated, bf16 where AMX runs it).
+other calls run SDPA in bf16 or on fp32 copies of q/k/v, whichever dispatch measured faster on this
+CPU: for a decode step `sdpa.one` (kernel, bf16 SDPA or fp32 SDPA), for the rest `sdpa.bf16` (fp32
+where bf16 is emulated, bf16 where AMX runs it).
 
 `FusedOPTAttention` takes the place of OPTAttention. Its q/k/v layers are listed in
 `fused_groups`, which from_pretrained reads to load their blocked weights back to back in one
@@ -33,10 +34,12 @@ def _measure_sdpa() -> tuple[str, dict[str, float]]:
 
 
 def _measure_sdpa_one() -> tuple[str, dict[str, float]]:
-    """A decode step's attention: 32 heads of 80 (OPT-2.7b), one query over 96 cached positions."""
+    """A decode step's attention: 32 heads of 80 (OPT-2.7b), one query over 96 cached positions; SDPA
+    in bf16, SDPA on fp32 copies, or the C kernel."""
     q = dispatch.synthetic(1, 32, 1, 80)
     k, v = (dispatch.synthetic(1, 32, 96, 80, seed=i) for i in (1, 2))
-    cands = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    cands = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+             "fp32": lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)}
     if kernels.lib() is not None:
         cands["kernel"] = lambda: kernels.attend_one(q, k, v, None, 80 ** -0.5)
     times = dispatch.measure(cands)
@@ -55,12 +58,14 @@ class CpuScaledDotProduct(ScaledDotProduct):
         if need_weights or q.dtype != torch.bfloat16 or q.device.type != "cpu":
             return super().forward(q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                                    need_weights=need_weights)
-        if (not is_causal and dropout_p == 0.0 and q.shape[-2] == 1  # a decode step: C reads the bf16 cache
-                and dispatch.choice("sdpa.one") == "kernel"):
+        one = not is_causal and dropout_p == 0.0 and q.shape[-2] == 1  # a decode step
+        if one and dispatch.choice("sdpa.one") == "kernel":  # C reads the bf16 cache as it is
             y = kernels.attend_one(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
             if y is not None:
                 return y, None
-        if dispatch.choice("sdpa.bf16") != "fp32":
+        # a decode step follows its own measurement: an fp32 copy of the whole cache at every step
+        # cost 7 of a 163 ms step at 8 rows on a CPU whose vision attention is faster in fp32
+        if (dispatch.choice("sdpa.one") == "sdpa") if one else (dispatch.choice("sdpa.bf16") != "fp32"):
             return super().forward(q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p)
         m = mask if mask is None or mask.dtype == torch.bool else mask.float()
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, dropout_p=dropout_p,

@@ -48,7 +48,7 @@ import torch
 
 from . import build
 
-FORMAT = "4"  # of the cached choices; part of the key (4: the bf16 kernels of issue 16)
+FORMAT = "5"  # of the cached choices; part of the key (4: the bf16 kernels of issue 16; 5: sdpa.one may pick fp32)
 MARGIN = 0.9  # a candidate other than torch's default must take under 90% of its time
 DEFAULTS: dict[str, object] = {}  # op -> torch's path (filled by `register`)
 
