@@ -15,14 +15,15 @@ threads, the load average and blip2's dispatch choices.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_jobs import new_record, write_record  # noqa: E402
 
 
 def main() -> int:
@@ -86,16 +87,11 @@ def main() -> int:
     print(f"decode       transformers {d['transformers']:7.1f} ms | blip2 {d['blip2']:7.1f} ms per token "
           f"({d['transformers'] / d['blip2']:.2f}x, from medians)")
     rt = runtime.describe(measure=False)
-    rec = dict(
-        timestamp=dt.datetime.now().strftime("%Y%m%d-%H%M%S"), checkpoint=str(ck.name), threads=args.threads,
-        rounds=args.rounds, quantize=args.quantize, load_average=os.getloadavg(),
-        machine=dict(cpu=rt["cpu"], flags=rt["flags"], cores=rt["cores"], torch=rt["torch"],
-                     transformers=transformers.__version__, kernels=rt["kernels"]),
-        dispatch={r["op"]: r["choice"] for r in rt["dispatch"]}, phases=out,
-    )
-    path = HERE / "records" / f"{rec['timestamp']}-ab.json"
-    path.write_text(json.dumps(rec, indent=1))
-    print(f"wrote {path}")
+    rec = new_record()
+    rec.update(checkpoint=str(ck.name), threads=args.threads, rounds=args.rounds, quantize=args.quantize,
+               transformers=transformers.__version__, kernels=rt["kernels"],
+               dispatch={r["op"]: r["choice"] for r in rt["dispatch"]}, phases=out)
+    write_record(rec, "ab")
     return 0
 
 

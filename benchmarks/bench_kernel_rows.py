@@ -20,14 +20,15 @@ benchmarks/records/<stamp>-kernel-rows.json with the CPU, its flags, the threads
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_jobs import new_record, write_record  # noqa: E402
 SRC = "src/blip2/backends/cpu"
 
 
@@ -66,7 +67,6 @@ def main() -> int:
     if build.lib() is None:
         raise SystemExit(f"no kernels here: {build.isa_reason()}")
     old = old_kernels(args.against) if args.against else None
-    load_before = os.getloadavg()
     results = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -99,15 +99,10 @@ def main() -> int:
                 print(f"  M={m:4d}  {cells}", flush=True)
                 results.append(dict(threads=threads, N=N, K=K, rows=m, ms={k: round(v * 1e3, 3) for k, v in t.items()},
                                     gflops={k: round(flop / v / 1e9, 1) for k, v in t.items()}))
-    rt = runtime.describe(measure=False)
-    rec = dict(timestamp=dt.datetime.now().strftime("%Y%m%d-%H%M%S"), against=args.against,
-               load_average_before=load_before, load_average_after=os.getloadavg(),
-               machine=dict(cpu=rt["cpu"], flags=rt["flags"], cores=rt["cores"], torch=rt["torch"],
-                            kernels=rt["kernels"], dot_built=kernels.dot_built(), bf16_dot=str(dispatch.choice("bf16.dot"))),
-               results=results)
-    path = HERE / "records" / f"{rec['timestamp']}-kernel-rows.json"
-    path.write_text(json.dumps(rec, indent=1))
-    print(f"wrote {path}")
+    rec = new_record()
+    rec.update(against=args.against, kernels=runtime.describe(measure=False)["kernels"],
+               dot_built=kernels.dot_built(), bf16_dot=str(dispatch.choice("bf16.dot")), results=results)
+    write_record(rec, "kernel-rows")
     return 0
 
 
