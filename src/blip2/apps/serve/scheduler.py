@@ -230,7 +230,7 @@ class Scheduler:
                         self.cv.wait(timeout=0.5)
                     if self.stopping:
                         break
-                if idle and not self.groups:
+                if idle:
                     # Woken from idle by a request: clients that arrive together (a burst, or closed-loop
                     # clients whose answers ended on the same step) reach the queue a few ms apart, as the
                     # HTTP thread parses them one by one. Waiting that long lets one prefill take them all;

@@ -65,7 +65,8 @@ class CpuScaledDotProduct(ScaledDotProduct):
                 return y, None
         # a decode step follows its own measurement: an fp32 copy of the whole cache at every step
         # cost 7 of a 163 ms step at 8 rows on a CPU whose vision attention is faster in fp32
-        if (dispatch.choice("sdpa.one") == "sdpa") if one else (dispatch.choice("sdpa.bf16") != "fp32"):
+        in_bf16 = dispatch.choice("sdpa.one") == "sdpa" if one else dispatch.choice("sdpa.bf16") != "fp32"
+        if in_bf16:
             return super().forward(q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p)
         m = mask if mask is None or mask.dtype == torch.bool else mask.float()
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, dropout_p=dropout_p,
