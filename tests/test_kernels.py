@@ -186,6 +186,10 @@ def test_decode_attention_kernel_matches_sdpa(S, D):
     assert torch.equal(y[1], torch.zeros_like(y[1])) and torch.equal(ref[1], torch.zeros_like(ref[1]))
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)  # the same fp32 math, one bf16 rounding
     assert (y == ref.bfloat16()).float().mean() > 0.98
+    # the live front of a larger cache (a decode step's view): the same answer, garbage past it unread
+    big_k, big_v = (torch.full((B, H, S + 9, D), float("nan")).bfloat16() for _ in range(2))
+    big_k[:, :, :S], big_v[:, :, :S] = k, v
+    assert torch.equal(kernels.attend_one(q, big_k[:, :, :S], big_v[:, :, :S], mask, D ** -0.5), y)
     # what it does not take goes back to SDPA
     assert kernels.attend_one(q.float(), k.float(), v.float(), mask, 1.0) is None
     assert kernels.attend_one(torch.cat([q, q], 2), k, v, None, 1.0) is None  # two queries per row

@@ -120,7 +120,7 @@ def _run_all(lb, x, w8, wb, q4, sz, scale, bias, G) -> dict[str, torch.Tensor]:
         mask = (torch.rand(B, S, generator=g) > 0.3).to(torch.uint8)
         mask[1, : S if D == 20 else S // 2] = 0  # batch row 1: nothing to attend (zeros), or half
         y = torch.empty(B, H, D, dtype=torch.bfloat16)
-        lb.attn1_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), B, H, S, D, D ** -0.5, y.data_ptr(), 2)
+        lb.attn1_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), B, H, S, D, S * D, D ** -0.5, y.data_ptr(), 2)
         out[f"attn1_bf16/{D}"] = y
     return out
 

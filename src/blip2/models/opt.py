@@ -47,7 +47,8 @@ class OPTAttention(nn.Module):
         k = k.view(B, T, self.nh, self.hs).transpose(1, 2)
         v = v.view(B, T, self.nh, self.hs).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, nh, T_max, hs)
+            k, v = cache.update(input_pos, k, v)  # (B, nh, S, hs): S positions so far, or T_max
+            mask = KVCache.fit(mask, k)
         p = self.dropout if self.training else 0.0
         # scale=1: q is already scaled, in the reference's order (bit-identical)
         y, w = self.sdpa(q, k, v, mask, is_causal=mask is None and T > 1, scale=1.0, dropout_p=p, need_weights=need_weights)

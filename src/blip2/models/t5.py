@@ -115,6 +115,7 @@ class T5Attention(nn.Module):
             k, v = self.split(self.k(src)), self.split(self.v(src))
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)
+                bias = KVCache.fit(bias, k)
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
         p = self.dropout if self.training else 0.0

@@ -120,7 +120,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.q4_mm.argtypes = lib.q4_mm_bf16.argtypes = [P, I64, I64, I64, P, I64, P, I, P, P, I]
     lib.q4_unpack_f32.argtypes = [P, I64, I64, I64, P, I, P, I]
     lib.q4_pack.argtypes = lib.q4_unpack.argtypes = [P, P, I64, I64, I]
-    lib.attn1_bf16.argtypes = [P, P, P, P, I64, I64, I64, I64, ctypes.c_float, P, I]
+    lib.attn1_bf16.argtypes = [P, P, P, P, I64, I64, I64, I64, I64, ctypes.c_float, P, I]
     lib.kernels_isa.argtypes, lib.kernels_isa.restype = [], I
     for f in (lib.q8_mm, lib.bf16_mm, lib.q8_unpack_f32, lib.bf16_unpack_f32, lib.q8_mm_bf16, lib.bf16_mm_bf16,
               lib.q4_mm, lib.q4_mm_bf16, lib.q4_unpack_f32, lib.q4_pack, lib.q4_unpack, lib.attn1_bf16):

@@ -473,12 +473,14 @@ void q4_unpack(const uint32_t* src, uint8_t* dst, int64_t N, int64_t K, int nt) 
 // (NULL: all). In fp32 as SDPA computes for fp32 inputs (scores, softmax, weighted sum); y is
 // rounded once. A row with nothing to attend gets zeros. Reading the bf16 cache directly saves
 // converting it to fp32 for SDPA at every step, which cost more than the attention itself.
+// k, v: (B, H, S, D) with rows of D contiguous and `ld` values from one head to the next (S * D
+// for a whole cache, more for the live front of one: a decode step reads only the positions so far)
 void attn1_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint8_t* mask,
-                int64_t B, int64_t H, int64_t S, int64_t D, float scale, uint16_t* y, int nt) {
+                int64_t B, int64_t H, int64_t S, int64_t D, int64_t ld, float scale, uint16_t* y, int nt) {
   #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t bh = 0; bh < B * H; ++bh) {
-    const uint16_t* kh = k + bh * S * D;
-    const uint16_t* vh = v + bh * S * D;
+    const uint16_t* kh = k + bh * ld;
+    const uint16_t* vh = v + bh * ld;
     const uint8_t* mk = mask ? mask + (bh / H) * S : 0;
     int64_t Dp = (D + 15) / 16 * 16;  // the output row is padded to whole vectors (zeros past D)
     float* p = (float*)malloc((S + Dp) * sizeof(float));  // scores, then the output row

@@ -166,14 +166,15 @@ dispatch.register("bf16.dot", "fma", _measure_dot)
 # --- attention in a decode step ---
 def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
     """SDPA for one query per row (a decode step) over a bf16 KV cache, read as it is: q (B, H, 1, D),
-    k and v (B, H, S, D) contiguous, mask None or bool broadcastable from (B, 1, 1, S) (True = attend).
+    k and v (B, H, S, D) with contiguous (S, D) rows and heads evenly spaced (a whole cache, or the
+    live front of one), mask None or bool broadcastable from (B, 1, 1, S) (True = attend).
     Returns (B, H, 1, D) bf16, computed in fp32 and rounded once; None where this does not apply
     (then use SDPA)."""
     B, H, T, D = q.shape
     lb = lib()
     if (lb is None or torch.compiler.is_compiling() or T != 1 or k.shape != (B, H, k.shape[2], D)
             or k.shape != v.shape or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (q, k, v))
-            or not (k.is_contiguous() and v.is_contiguous())
+            or k.stride() != v.stride() or k.stride()[2:] != (D, 1) or k.stride(0) != H * k.stride(1)
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
         return None
     S = k.shape[2]
@@ -184,6 +185,6 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: floa
         m = mask.expand(B, 1, 1, S).reshape(B, S).contiguous().view(torch.uint8)
     qc = q.reshape(B, H, D).contiguous()
     y = torch.empty(B, 1, H, D, dtype=torch.bfloat16)
-    lb.attn1_bf16(qc.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(m), B, H, S, D, scale, y.data_ptr(),
+    lb.attn1_bf16(qc.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(m), B, H, S, D, k.stride(1), scale, y.data_ptr(),
                   torch.get_num_threads())
     return y.transpose(1, 2)
