@@ -4,6 +4,10 @@ between gives the same numbers (within one bf16 rounding) as a float64 reference
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -83,6 +87,61 @@ def test_a_damaged_cache_is_measured_again(fresh_cache, monkeypatch):
     monkeypatch.setitem(dispatch._MEASURE, "bf16.many", lambda: (64, {"bf16@64": 2.0, "fp32@64": 1.0}))
     assert dispatch.choice("bf16.many") == 64
     assert json.loads((fresh_cache / f"{dispatch.cache_key()}.json").read_text())["choices"]["bf16.many"] == 64
+
+
+def _burn_every_cpu(seconds: float) -> None:
+    """Other processes keep every CPU busy for `seconds` (this thread waits)."""
+    code = f"import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < {seconds}: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 1)]
+    for p in procs:
+        p.wait()
+
+
+@pytest.mark.skipif(dispatch._busy_seconds() is None, reason="no /proc/stat here")
+def test_others_share_sees_other_processes_not_this_thread():
+    with dispatch.Others() as idle:
+        time.sleep(0.3)
+    with dispatch.Others() as mine:  # this thread's own work is not "others"
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.3:
+            pass
+    with dispatch.Others() as busy:
+        _burn_every_cpu(0.6)
+    assert busy.share > 0.5 and busy.share > idle.share + 0.3 and busy.share > mine.share + 0.3
+
+
+@pytest.mark.skipif(dispatch._busy_seconds() is None, reason="no /proc/stat here")
+def test_a_choice_measured_on_a_busy_machine_is_measured_again_once_quiet(fresh_cache, monkeypatch):
+    runs = []
+
+    def busy_measure():  # the measurement runs while other processes take every CPU
+        runs.append(1)
+        _burn_every_cpu(0.6)
+        return 0, {"bf16@16": 1.0, "fp32@16": 2.0}
+
+    monkeypatch.setitem(dispatch._MEASURE, "bf16.many", busy_measure)
+    assert dispatch.choice("bf16.many") == 0 and len(runs) == 1
+    data = json.loads((fresh_cache / f"{dispatch.cache_key()}.json").read_text())
+    assert data["choices"]["bf16.many"] == 0 and data["provisional"]["bf16.many"] > dispatch.BUSY
+    row = next(r for r in dispatch.report(measure=False) if r["op"] == "bf16.many")
+    assert row["why"].startswith("measured while others used") and row["why"].endswith("provisional")
+
+    def new_process():
+        dispatch._choices.clear()
+        dispatch._loaded_key = None
+        dispatch._quiet = None
+
+    # a later process on a still-busy machine keeps the provisional choice without measuring
+    new_process()
+    monkeypatch.setattr(dispatch, "quiet_now", lambda: False)
+    assert dispatch.choice("bf16.many") == 0 and dispatch.choice("bf16.many") == 0 and len(runs) == 1
+    # one on a quiet machine measures it again, once, and the new choice is final
+    new_process()
+    monkeypatch.setattr(dispatch, "quiet_now", lambda: True)
+    monkeypatch.setitem(dispatch._MEASURE, "bf16.many", lambda: (runs.append(2), (64, {"bf16@64": 2.0, "fp32@64": 1.0}))[1])
+    assert dispatch.choice("bf16.many") == 64 and dispatch.choice("bf16.many") == 64 and runs == [1, 2]
+    data = json.loads((fresh_cache / f"{dispatch.cache_key()}.json").read_text())
+    assert data["choices"]["bf16.many"] == 64 and "bf16.many" not in data["provisional"]
 
 
 def test_environment_overrides_without_measuring(fresh_cache, monkeypatch):

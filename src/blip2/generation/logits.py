@@ -19,7 +19,10 @@ Processor = Callable[[Tensor, Tensor], Tensor]  # (ids (N, T), scores (N, V)) ->
 
 
 def _mask_tokens(scores: Tensor, tokens: Tensor) -> Tensor:
-    return scores.masked_fill(torch.isin(torch.arange(scores.shape[-1], device=scores.device), tokens), -math.inf)
+    """scores with the columns `tokens` set to -inf (ids outside the vocabulary mask nothing). By
+    index: an isin over the whole vocabulary cost ~2 ms a call for OPT's 50k ids, every step."""
+    tokens = tokens[(tokens >= 0) & (tokens < scores.shape[-1])]
+    return scores.index_fill(-1, tokens, -math.inf)
 
 
 def _repetition_penalty(p: float) -> Processor:

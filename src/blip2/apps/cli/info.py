@@ -94,7 +94,9 @@ def print_runtime(rt: dict) -> None:
     print(f"dispatch         (measured here, cached in {rt['dispatch_cache']})")
     for r in rt["dispatch"]:
         times = ", ".join(f"{k} {v:g} ms" for k, v in r["ms"].items())
-        why = r["why"] if r["why"] != "measured" else times or "not measured"
+        why = r["why"] if not r["why"].startswith("measured") else times or "not measured"
+        if r["why"].startswith("measured while"):
+            why += f" ({r['why'][9:]})"
         print(f"  {r['op']:<17} {str(r['choice']):<8} {why}")
 
 

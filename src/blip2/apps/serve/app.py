@@ -319,6 +319,8 @@ def create_app(state: State) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         names = [state.name] + ([state.rname] if state.rname else [])
+        if state.index is not None and state.index.model_name not in names:
+            names.append(state.index.model_name)  # the index's own retrieval model (POST /v1/search)
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "blip2"}
                                            for n in names]}
 

@@ -24,7 +24,10 @@ faster, torch's runs, so the backend is never slower than torch on any CPU.
     int8.one, int4.one  1-row products       torch: _weight_int8pack_mm / _weight_int4pack_mm_for_cpu |
                                              kernel: kernels.c on blocked weights (blocked only if it wins)
 
-Candidates are timed on one thread (see one_thread: far steadier on a busy machine). The choices
+Candidates are timed on one thread (see one_thread: far steadier on a busy machine). A measurement
+taken while other work used more than BUSY of the CPUs (/proc/stat, steal time included) is marked
+provisional: it is used and cached, and the next process that finds the machine quiet measures that
+op again (one taken under load here chose `bf16.many` 0 and left the vision tower at 0.99x). The choices
 are cached per CPU model + flags, torch version and kernel ISA, under
 ~/.cache/blip2/dispatch (or $BLIP2_KERNEL_CACHE/../dispatch), and `blip2 info --runtime` prints them
 with the timings that decided them. BLIP2_DISPATCH="bf16.many=16,sdpa.bf16=bf16" forces choices
@@ -50,6 +53,7 @@ from . import build
 
 FORMAT = "5"  # of the cached choices; part of the key (4: the bf16 kernels of issue 16; 5: sdpa.one may pick fp32)
 MARGIN = 0.9  # a candidate other than torch's default must take under 90% of its time
+BUSY = 0.2  # others' share of the CPUs' time during a measurement above which it is provisional
 DEFAULTS: dict[str, object] = {}  # op -> torch's path (filled by `register`)
 
 _lock = threading.RLock()
@@ -57,6 +61,9 @@ _choices: dict[str, object] = {}
 _timings: dict[str, dict[str, float]] = {}
 _forced: dict[str, object] = {}
 _loaded_key: str | None = None
+_provisional: dict[str, float] = {}  # op -> others' share of the CPUs while it was measured (> BUSY)
+_stale: set[str] = set()  # provisional ops read from the cache, not yet re-checked by this process
+_quiet: bool | None = None  # whether the machine looked quiet when this process first checked
 
 
 # --- timing ---
@@ -91,6 +98,44 @@ def pick(times: dict[str, float], default: str) -> str:
     """The fastest candidate, unless it is not clearly faster than torch's default."""
     fastest = min(times, key=times.get)
     return fastest if times[fastest] < MARGIN * times[default] else default
+
+
+# --- how busy the machine is ---
+def _busy_seconds() -> float | None:
+    """CPU seconds all CPUs have spent busy since boot (user, nice, system, irq, softirq and the
+    hypervisor's steal), from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (sum(v[:3]) + sum(v[5:8])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Others:
+    """Times a block: `share` is then the fraction of all CPUs' time that went to anything but this
+    thread (other processes, this process's other threads, steal): 0 where /proc/stat is missing."""
+
+    def __enter__(self) -> "Others":
+        self.busy, self.mine, self.t = _busy_seconds(), time.thread_time(), time.perf_counter()
+        self.share = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, wall = _busy_seconds(), time.perf_counter() - self.t
+        if busy is not None and self.busy is not None and wall > 0:
+            others = (busy - self.busy) - (time.thread_time() - self.mine)
+            self.share = max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def quiet_now(seconds: float = 0.3) -> bool:
+    """Whether other work leaves the CPUs nearly idle now (sampled over `seconds`, once a process)."""
+    global _quiet
+    if _quiet is None:
+        with Others() as o:
+            time.sleep(seconds)
+        _quiet = o.share <= BUSY
+    return _quiet
 
 
 # --- the registry: each op's measurement lives with the code it chooses between ---
@@ -152,6 +197,8 @@ def forget() -> None:
             pass
         _choices.clear()
         _timings.clear()
+        _provisional.clear()
+        _stale.clear()
         _loaded_key = None
 
 
@@ -166,14 +213,20 @@ def _load(key: str) -> None:
     global _loaded_key
     _choices.clear()
     _timings.clear()
+    _provisional.clear()
+    _stale.clear()
     _loaded_key = key
     try:
         data = json.loads(cache_file(key).read_text())
+        busy = data.get("provisional", {})
         for op, default in DEFAULTS.items():
             value = data.get("choices", {}).get(op)
             if type(value) is type(default):  # a choice of another kind (an older file): measure again
                 _choices[op] = value
                 _timings[op] = data.get("timings", {}).get(op, {})
+                if op in busy:
+                    _provisional[op] = float(busy[op])
+                    _stale.add(op)
     except (OSError, ValueError, AttributeError):
         pass  # no cache yet, or an unreadable one: measure again
 
@@ -185,7 +238,7 @@ def _save(key: str) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "isa": build.isa(),
                                    "measured_on_threads": 1, "choices": _choices,
-                                   "timings": _timings}, indent=1))
+                                   "timings": _timings, "provisional": _provisional}, indent=1))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home: the choices hold for this process only
@@ -218,16 +271,24 @@ def choice(op: str):
     if env is not None:
         return type(DEFAULTS[op])(env)
     key = cache_key()
-    if _loaded_key == key and op in _choices:
+    if _loaded_key == key and op in _choices and op not in _stale:
         return _choices[op]
     with _lock:
         if _loaded_key != key:
             _load(key)
+        if op in _stale and not torch.compiler.is_compiling():
+            _stale.discard(op)
+            if quiet_now():  # measured under load before, quiet now: measure again
+                del _choices[op]
         if op not in _choices:
             if torch.compiler.is_compiling():
                 return DEFAULTS[op]
-            with torch.no_grad(), one_thread():
+            with torch.no_grad(), one_thread(), Others() as others:
                 _choices[op], _timings[op] = _MEASURE[op]()
+            if others.share > BUSY:
+                _provisional[op] = round(others.share, 2)
+            else:
+                _provisional.pop(op, None)
             _save(key)
         return _choices[op]
 
@@ -244,7 +305,9 @@ def report(measure: bool = True) -> list[dict]:
     for op in DEFAULTS:
         if measure:
             choice(op)
-        why = "forced" if op in _forced else "BLIP2_DISPATCH" if op in env else "measured"
+        why = ("forced" if op in _forced else "BLIP2_DISPATCH" if op in env
+               else f"measured while others used {_provisional[op]:.0%} of the CPUs: provisional" if op in _provisional
+               else "measured")
         rows.append(dict(op=op, choice=choice(op) if measure else _choices.get(op), why=why,
                          ms={k: round(v * 1e3, 3) for k, v in _timings.get(op, {}).items()}))
     return rows
