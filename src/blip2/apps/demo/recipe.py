@@ -2,7 +2,7 @@
 
     python -m blip2.demo build      # everything from scratch into src/blip2/apps/assets/demo (2 CPU cores: see README)
     python -m blip2.demo eval       # the quality figures on 200 held-out scenes (and issue 20's targets met)
-    python -m blip2.demo teach -o runs/star -- --train lm   # fine-tune it on an object it never saw (teach.py)
+    python -m blip2.demo teach -o runs/star -- --train lm --steps 6000 --lr 3e-4   # teach it an object it never saw (teach.py)
 
     blip2.demo_checkpoint("captioning")   # -> the shipped Blip2ForConditionalGeneration directory
     blip2.demo_checkpoint("retrieval")    # -> the shipped Blip2ForImageTextRetrieval directory
@@ -364,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--quantized", action="store_true", help="bf16 vs int8 / int4 language model (shipped model)")
     t = sub.add_parser("teach", help="fine-tune the shipped model on an object it never saw (teach.py)")
     t.add_argument("--output", "-o", required=True, help="folder for the data, the model and teach.json")
-    t.add_argument("-n", type=int, default=200, help="scenes to fine-tune on")
+    t.add_argument("-n", type=int, default=400, help="scenes with the new object to fine-tune on (default 400)")
     t.add_argument("--model", default="demo", help="the captioning checkpoint to teach (default: the shipped one)")
-    t.add_argument("--rehearsal", type=int, default=0, help="scenes of the known world mixed in")
+    t.add_argument("--rehearsal", type=int, default=1200, help="scenes of the known world mixed in (default 1200)")
     t.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after --: more `blip2 finetune` options")
     a = ap.parse_args(argv)
     if a.cmd == "teach":
