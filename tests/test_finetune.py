@@ -127,6 +127,24 @@ def test_finetune_reads_jsonl_and_csv_with_qa(tmp_path, capsys):
     assert json.loads(out.out)["held_out_examples"] == 0
 
 
+def test_train_vision_moves_the_encoders_last_block_only(tmp_path, capsys):
+    from blip2.demo import demo_checkpoint
+    from safetensors.torch import load_file
+
+    data = _folder(tmp_path / "data", 8)
+    rc, out = _finetune(data, tmp_path / "o", "--train", "vision", "--steps", "3", "--batch-size", "4",
+                        "--lr", "1e-3", "--eval-split", "0", capsys=capsys)
+    assert rc == 0, out.err
+    base = load_file(str(demo_checkpoint("captioning") / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "o" / "model.safetensors"))
+    last = max(int(k.split(".")[3]) for k in base if k.startswith("vision_model.encoder.layers."))
+    moved = {k for k in base if not torch.equal(base[k], tuned[k])}
+    vision = {k for k in moved if k.startswith("vision_model.")}
+    assert vision and all(k.startswith((f"vision_model.encoder.layers.{last}.", "vision_model.post_layernorm."))
+                          for k in vision), sorted(vision)
+    assert any(k.startswith("language_model.") for k in moved) and any(k.startswith("qformer.") for k in moved)
+
+
 def test_finetune_bad_input(tmp_path, capsys):
     def err(*args):
         rc = main(["finetune", *args])

@@ -38,10 +38,10 @@ def pixel_values(examples: list[Example], image_processor, cache: dict | None = 
     return torch.stack(out)
 
 
-@torch.no_grad()
 def image_embeds(vision_model: nn.Module, examples: list[Example], image_processor, device: torch.device,
                  pixel_cache: dict | None = None, embed_cache: dict | None = None) -> torch.Tensor:
-    """The frozen image encoder's output (B, 1+N, C) for the examples' images.
+    """The image encoder's output (B, 1+N, C) for the examples' images: without gradients, unless
+    some of its parameters train (then with them, and without embed_cache).
 
     embed_cache, a dict {image path: (1+N, C)}, keeps each image's output once computed: the
     encoder never trains and stays in eval mode, so the output is the same at every step, and
@@ -50,7 +50,14 @@ def image_embeds(vision_model: nn.Module, examples: list[Example], image_process
     computed in another batch can differ in the last bits, so exact resume holds with it off."""
     if embed_cache is None:
         px = pixel_values(examples, image_processor, pixel_cache).to(device)
-        return vision_model(pixel_values=px, return_dict=True).last_hidden_state
+        # gradients only where some of the encoder trains (`blip2 finetune --train vision`)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in vision_model.parameters())):
+            return vision_model(pixel_values=px, return_dict=True).last_hidden_state
+    return _cached_embeds(vision_model, examples, image_processor, device, pixel_cache, embed_cache)
+
+
+@torch.no_grad()
+def _cached_embeds(vision_model, examples, image_processor, device, pixel_cache, embed_cache) -> torch.Tensor:
     todo = [ex for ex in examples if ex.image not in embed_cache]
     if todo:
         px = pixel_values(todo, image_processor, pixel_cache).to(device)

@@ -13,6 +13,8 @@ the token accuracy of the teacher-forced targets. What trains (`train_mode`):
   lora     those, LoRA adapters on the language model's linear layers (lora.py), merged into
            the saved weights, and its token embeddings
   lm       those, and every weight of the language model (small models)
+  vision   those of lm, and the image encoder's last block and final norm (its output is then
+           computed at every step instead of once per image: slower)
 Re-running with the same out_dir resumes from its newest checkpoint (state.py).
 """
 
@@ -42,11 +44,12 @@ from .lora import add_lora, merge_lora
 from .state import latest_checkpoint, load_weights_into
 from .trainer import TrainConfig, train
 
-TRAIN_MODES = ("qformer", "lora", "lm")
+TRAIN_MODES = ("qformer", "lora", "lm", "vision")
 # lora trains the token embeddings (tied to the output layer) too: words the language model never
 # saw have untrained embeddings, which adapters on the linear layers cannot produce (measured:
 # README, "Fine-tune from the terminal")
-UNFREEZE = {"qformer": (), "lora": ("lora_", "embed_tokens.", "language_model.shared."), "lm": ("language_model.",)}
+UNFREEZE = {"qformer": (), "lora": ("lora_", "embed_tokens.", "language_model.shared."), "lm": ("language_model.",),
+            "vision": ("language_model.", "vision_model.post_layernorm.")}  # + the last block, in finetune()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # OPT's names (T5: q, k, v, o, wi, wo)
 SUMMARY = "finetune.json"
 MAX_EVAL = 500  # held-out examples scored (greedy decoding is the slow part); the rest are only left out
@@ -68,7 +71,7 @@ def default_options(n_train: int, train_mode: str) -> dict:
     batch = max(2, min(16, n_train // 8))
     epochs = 10 if n_train < 5000 else 3
     steps = max(50, min(3000, math.ceil(epochs * n_train / batch)))
-    lr = {"qformer": 3e-4, "lora": 3e-4, "lm": 1e-4}[train_mode]
+    lr = {"qformer": 3e-4, "lora": 3e-4, "lm": 1e-4, "vision": 1e-4}[train_mode]
     return dict(batch_size=batch, steps=steps, lr=lr, warmup=min(100, steps // 10))
 
 
@@ -149,11 +152,14 @@ def finetune(model_dir: str | os.PathLike, data: list[Example], out_dir: str | o
     steps, lr = steps or d["steps"], lr or d["lr"]
     batch_size = min(batch_size or d["batch_size"], len(tr))
     warmup = d["warmup"] if warmup is None else warmup
+    unfreeze = UNFREEZE[train_mode]
+    if train_mode == "vision":  # the encoder's last block: what a new colour or shape needs first
+        unfreeze += (f"vision_model.encoder.layers.{len(model.vision_model.encoder.layers) - 1}.",)
     cfg = TrainConfig(stage=stage, lr=lr, warmup_steps=min(warmup, steps), batch_size=batch_size, max_steps=steps,
                       seed=seed, output_dir=str(out), log_every=log_every,
                       save_every=save_every if save_every is not None else max(1, steps // 4),
                       max_length=max_length, prompt=prompt, qa_prompt=qa_prompt, cache_images=True,
-                      cache_image_embeds=True, unfreeze=UNFREEZE[train_mode])
+                      cache_image_embeds=train_mode != "vision", unfreeze=unfreeze)
     model.to(device)
     before = held_out_figures(model, proc, held, cfg) if held else {}
     if train_mode == "lora":

@@ -23,9 +23,10 @@ def add_parser(sub, at_least, in_range) -> list[str]:
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, or 'demo' (the shipped demo model)")
     p.add_argument("--data", required=True, help="folder of images + .txt captions, or a .jsonl / .csv file")
     p.add_argument("--output", "-o", required=True, metavar="OUT_DIR", help="where the fine-tuned model goes")
-    p.add_argument("--train", default="qformer", choices=["qformer", "lora", "lm"],
+    p.add_argument("--train", default="qformer", choices=["qformer", "lora", "lm", "vision"],
                    help="what trains: qformer (queries, Q-Former, projection; default), lora (also LoRA adapters "
-                        "and token embeddings of the language model), lm (also the whole language model)")
+                        "and token embeddings of the language model), lm (also the whole language model), "
+                        "vision (also the image encoder's last block and final norm)")
     p.add_argument("--stage", default="caption", choices=["caption", "stage2"],
                    help="the trainer's stage (the same loss and frozen parts; recorded with the run)")
     p.add_argument("--steps", type=at_least(1), default=None, help="optimizer steps (default: from the data size)")
