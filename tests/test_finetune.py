@@ -127,6 +127,7 @@ def test_finetune_reads_jsonl_and_csv_with_qa(tmp_path, capsys):
     assert json.loads(out.out)["held_out_examples"] == 0
 
 
+@pytest.mark.slow
 def test_train_vision_moves_the_encoders_last_block_only(tmp_path, capsys):
     from blip2.demo import demo_checkpoint
     from safetensors.torch import load_file
