@@ -27,12 +27,13 @@ from bench_jobs import new_record, write_record  # noqa: E402
 
 def last_level_cache_bytes() -> int:
     """The largest cache sysfs reports for CPU 0 (64 MiB if it says nothing)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     best = 0
     for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            s = (d / "size").read_text().strip()
-            best = max(best, int(s[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[s[-1]] if s[-1] in "KMG" else int(s))
-        except (OSError, ValueError, KeyError, IndexError):
+            size = (d / "size").read_text().strip()  # "260M", "2048K"
+            best = max(best, int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
+        except (OSError, ValueError):
             pass
     return best or 64 << 20
 

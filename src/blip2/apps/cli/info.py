@@ -94,9 +94,9 @@ def print_runtime(rt: dict) -> None:
     print(f"dispatch         (measured here, cached in {rt['dispatch_cache']})")
     for r in rt["dispatch"]:
         times = ", ".join(f"{k} {v:g} ms" for k, v in r["ms"].items())
-        why = r["why"] if not r["why"].startswith("measured") else times or "not measured"
-        if r["why"].startswith("measured while"):
-            why += f" ({r['why'][9:]})"
+        why = r["why"]
+        if why.startswith("measured"):  # the timings say why; a provisional choice also says so
+            why = (times or "not measured") + ("" if why == "measured" else f" ({why})")
         print(f"  {r['op']:<17} {str(r['choice']):<8} {why}")
 
 
